@@ -1,0 +1,30 @@
+"""Training configuration as plain, immutable data."""
+
+import dataclasses
+
+# Normalisation of the original pipeline: torchvision's MNIST mean and std.
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
+NUM_CLASSES = 10
+IMAGE_SHAPE = (28, 28, 1)  # NHWC, one channel
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one training run; defaults are the original's."""
+
+    seed: int = 0
+    epochs: int = 1
+    batch_size: int = 128
+    learning_rate: float = 0.01
+
+    def validate(self) -> "TrainConfig":
+        """Returns self, or raises ValueError naming the bad field."""
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"epochs must be a whole number >= 1, got {self.epochs!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch size must be a whole number >= 1, got {self.batch_size!r}")
+        lr = self.learning_rate
+        if not isinstance(lr, (int, float)) or not (0 < lr < float("inf")):
+            raise ValueError(f"learning rate must be a finite number > 0, got {lr!r}")
+        return self
