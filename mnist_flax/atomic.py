@@ -1,0 +1,50 @@
+"""Atomic file writes: a file appears under its final name only when complete.
+
+Write to a temporary file in the same directory, flush and fsync it, rename it
+over the final name (atomic on POSIX), then fsync the directory so the rename
+itself survives a crash. A crash at any moment leaves the old file or the new
+one, never a torn one; a stray temporary is named `.<name>.<random>.tmp`.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+TMP_SUFFIX = ".tmp"
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def fsync_directory(directory: str | os.PathLike) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(directory: str | os.PathLike, stem: str = "") -> list[Path]:
+    """Deletes temporaries a killed writer left behind (`.<stem>*.tmp`)."""
+    removed = []
+    for tmp in Path(directory).glob(f".{stem}*{TMP_SUFFIX}"):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed

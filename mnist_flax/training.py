@@ -1,0 +1,151 @@
+"""The training step and loop: pure functions from (state, data) to new state.
+
+Nothing here reads files or flags; `train.py` owns the command line.
+"""
+
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+
+from mnist_flax.config import TrainConfig
+from mnist_flax.model import SeedNet, init_variables
+
+EVAL_BATCH_SIZE = 1000
+
+
+class TrainState(train_state.TrainState):
+    """Params, optimiser state and step, plus BatchNorm's running statistics."""
+
+    batch_stats: Any
+
+
+class Batch(NamedTuple):
+    images: jax.Array  # uint8 (B, 28, 28, 1)
+    labels: jax.Array  # int32 (B,)
+    mask: jax.Array  # bool (B,): False marks padding in the epoch's last batch
+
+
+def create_train_state(key: jax.Array, config: TrainConfig) -> TrainState:
+    variables = init_variables(key)
+    return TrainState.create(
+        apply_fn=SeedNet().apply,
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        tx=optax.adam(config.learning_rate),
+    )
+
+
+def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    mask = mask.astype(values.dtype)
+    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def loss_and_updates(params, state: TrainState, batch: Batch):
+    """Mean cross-entropy over the real examples, and the new BatchNorm statistics."""
+    logits, updates = state.apply_fn(
+        {"params": params, "batch_stats": state.batch_stats},
+        batch.images, train=True, mask=batch.mask, mutable=["batch_stats"],
+    )
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch.labels)
+    return masked_mean(losses, batch.mask), (logits, updates["batch_stats"])
+
+
+def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    """One Adam step. Metrics are sums over real examples, so they add across steps."""
+    grad_fn = jax.value_and_grad(loss_and_updates, has_aux=True)
+    (loss, (logits, batch_stats)), grads = grad_fn(state.params, state, batch)
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    real = batch.mask.astype(jnp.float32)
+    metrics = {
+        "loss_sum": loss * jnp.sum(real),
+        "correct": jnp.sum((jnp.argmax(logits, -1) == batch.labels) * real),
+        "count": jnp.sum(real),
+    }
+    return state, metrics
+
+
+def model_variables(state: TrainState) -> dict:
+    """What a checkpoint holds and inference needs: {'params', 'batch_stats'}."""
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def predict_logits(variables: dict, images: jax.Array) -> jax.Array:
+    """Eval-mode logits: running BatchNorm statistics, no gradients, no updates."""
+    return SeedNet().apply(variables, images, train=False)
+
+
+def epoch_order(key: jax.Array, epoch: int, num_examples: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shuffled example indices for one epoch, as (steps, batch_size) plus a padding mask.
+
+    Every example is seen once. The last partial batch is padded (with index 0,
+    masked out) rather than dropped, so every step has the same shape and the
+    step compiles once.
+    """
+    order = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), num_examples))
+    steps = -(-num_examples // batch_size)
+    padded = np.zeros(steps * batch_size, np.int32)
+    padded[:num_examples] = order
+    mask = np.zeros(steps * batch_size, bool)
+    mask[:num_examples] = True
+    return padded.reshape(steps, batch_size), mask.reshape(steps, batch_size)
+
+
+def epoch_batches(images: np.ndarray, labels: np.ndarray, order: np.ndarray, mask: np.ndarray) -> Iterator[Batch]:
+    for idx, m in zip(order, mask):
+        yield Batch(images[idx], labels[idx], m)
+
+
+def sum_metrics(totals: dict | None, metrics: dict) -> dict:
+    return metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
+
+
+def summarize(totals: dict) -> dict:
+    """Summed metrics -> {'loss', 'accuracy', 'count'} as Python numbers."""
+    totals = jax.device_get(totals)
+    count = float(totals["count"])
+    return {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count,
+            "count": int(count)}
+
+
+def train_epoch(
+    state: TrainState,
+    images: np.ndarray,
+    labels: np.ndarray,
+    key: jax.Array,
+    epoch: int,
+    batch_size: int,
+    step_fn: Callable = None,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> tuple[TrainState, dict]:
+    """One pass over the data in a key-determined order; returns state and epoch metrics."""
+    step_fn = step_fn or jit_train_step
+    order, mask = epoch_order(key, epoch, len(images), batch_size)
+    totals = None
+    for i, batch in enumerate(epoch_batches(images, labels, order, mask)):
+        state, metrics = step_fn(state, batch)
+        totals = sum_metrics(totals, metrics)
+        if on_step is not None:
+            on_step(i, totals)
+    return state, summarize(totals)
+
+
+jit_train_step = jax.jit(train_step, donate_argnums=0)
+
+
+@jax.jit
+def _count_correct(variables: dict, images: jax.Array, labels: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.argmax(predict_logits(variables, images), -1) == labels)
+
+
+def evaluate(variables: dict, images: np.ndarray, labels: np.ndarray, batch_size: int = EVAL_BATCH_SIZE) -> dict:
+    """Accuracy of {'params', 'batch_stats'} on a labelled set, in eval mode."""
+    correct = 0
+    for start in range(0, len(images), batch_size):
+        stop = start + batch_size
+        correct += int(_count_correct(variables, images[start:stop], labels[start:stop]))
+    return {"accuracy": correct / len(images), "correct": correct, "count": len(images)}
