@@ -57,9 +57,11 @@ def choose_artifact(listing: list[dict], prefix: str) -> dict:
 
 def _created(artifact: dict) -> dt.datetime:
     try:
-        return dt.datetime.fromisoformat(str(artifact.get("created_at")))
+        when = dt.datetime.fromisoformat(str(artifact.get("created_at")))
     except ValueError:
-        return dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+        when = dt.datetime.min
+    # Naive and aware datetimes don't compare; GitHub's times are UTC anyway.
+    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
 
 
 def next_link(link_header: str | None) -> str | None:
@@ -173,7 +175,7 @@ def download(url: str, token: str, into, timeout: float) -> None:
             while chunk := resp.read(1 << 20):
                 total += len(chunk)
                 if total > MAX_BYTES:
-                    raise ArtifactError(f"artifact is larger than {MAX_BYTES >> 20} MiB; refusing it")
+                    raise ArtifactError(f"artifact is larger than {MAX_BYTES / 2**20:g} MiB; refusing it")
                 into.write(chunk)
         except (OSError, http.client.HTTPException) as e:
             raise _unreachable(url, e) from e
@@ -195,7 +197,7 @@ def extract_verified(zip_file, dest: Path) -> list[Path]:
                 if bad:
                     raise ArtifactError(f"artifact zip has an unsafe path {bad[0]!r}; refusing to unpack it")
                 if sum(m.file_size for m in members) > MAX_BYTES:
-                    raise ArtifactError(f"artifact unpacks to more than {MAX_BYTES >> 20} MiB; refusing it")
+                    raise ArtifactError(f"artifact unpacks to more than {MAX_BYTES / 2**20:g} MiB; refusing it")
                 for m in members:
                     target = tmp / m.filename
                     target.parent.mkdir(parents=True, exist_ok=True)
@@ -294,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             except ImportError as e:
                 raise ArtifactError(f"--evaluate needs mnist_flax.evaluate, which cannot be imported: {e}") from e
             measured = evaluate_checkpoint(str(ckpt))
-            print(f"test accuracy (measured): {_percent(measured)}  (sidecar: {_percent(meta.get('test_accuracy'))})")
+            print(f"test accuracy (measured): {_percent(measured)} (sidecar: {_percent(meta.get('test_accuracy'))})")
     return 0
 
 
