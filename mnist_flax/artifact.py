@@ -1,0 +1,308 @@
+"""Fetch the newest trained checkpoint that CI uploaded as a GitHub Actions artifact.
+
+    python -m mnist_flax.artifact OWNER/REPO [--dest DIR] [--token T] [--evaluate]
+
+Lists the repository's artifacts, picks the newest unexpired one whose name
+starts with the prefix, downloads its zip, unpacks it safely and atomically,
+and checks every checkpoint against the sha256 in its sidecar JSON.
+"""
+
+import argparse
+import datetime as dt
+import hashlib
+import http.client
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from mnist_flax.cli import UsageError, add_debug_flag, run_main
+from mnist_flax.errors import MnistFlaxError
+
+DEFAULT_API = "https://api.github.com"
+DEFAULT_PREFIX = "mnist-flax-model"
+TIMEOUT_S = 30.0
+MAX_BYTES = 256 * 1024 * 1024  # cap on the download and on the unpacked total
+MAX_PAGES = 20  # 2000 artifacts is far more than this project ever keeps
+
+
+class ArtifactError(MnistFlaxError):
+    """The artifact cannot be listed, downloaded, unpacked or verified."""
+
+
+def choose_artifact(listing: list[dict], prefix: str) -> dict:
+    """The newest unexpired artifact whose name starts with `prefix`."""
+    matching = [a for a in listing if str(a.get("name", "")).startswith(prefix)]
+    if not matching:
+        raise ArtifactError(f"no artifact named {prefix}* found; has the training workflow run and finished?")
+    # Ties on created_at (same run) fall back to the larger, i.e. later, id.
+    newest_first = sorted(matching, key=lambda a: (_created(a), a.get("id", 0)), reverse=True)
+    alive = [a for a in newest_first if not a.get("expired")]
+    if not alive:
+        a = newest_first[0]
+        raise ArtifactError(
+            f"the newest matching artifact {a.get('name')} has expired ({a.get('expires_at') or 'expired'}); "
+            "artifacts expire after 90 days; re-run the workflow"
+        )
+    return alive[0]
+
+
+def _created(artifact: dict) -> dt.datetime:
+    try:
+        when = dt.datetime.fromisoformat(str(artifact.get("created_at")))
+    except ValueError:
+        when = dt.datetime.min
+    # Naive and aware datetimes don't compare; GitHub's times are UTC anyway.
+    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+
+
+def next_link(link_header: str | None) -> str | None:
+    """The rel="next" URL of a GitHub Link header, if any."""
+    for part in (link_header or "").split(","):
+        m = re.match(r'\s*<([^>]*)>\s*;.*\brel="?next"?', part)
+        if m:
+            return m.group(1)
+    return None
+
+
+def unsafe_member(name: str) -> bool:
+    """True for zip member names that could land outside the extraction dir."""
+    parts = name.replace("\\", "/").split("/")
+    return name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) is not None or ".." in parts
+
+
+class _StripAuthOnHostChange(urllib.request.HTTPRedirectHandler):
+    # urllib copies every header onto the redirected request; GitHub redirects
+    # the zip to a pre-signed storage URL that must not see our token.
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc:
+            new.remove_header("Authorization")
+        return new
+
+
+def _http_error(e: urllib.error.HTTPError, what: str) -> ArtifactError:
+    try:
+        detail = json.loads(e.read(64 * 1024) or b"{}").get("message", "")
+    except (ValueError, AttributeError, OSError):
+        detail = ""
+    detail = f" ({detail})" if detail else ""
+    if e.code == 429 or (e.code == 403 and e.headers.get("x-ratelimit-remaining") == "0"):
+        reset, retry = e.headers.get("x-ratelimit-reset", ""), e.headers.get("retry-after")
+        when = ""
+        if reset.isdigit():
+            when = f"; it resets at {dt.datetime.fromtimestamp(int(reset), dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC"
+        elif retry:
+            when = f"; retry after {retry} s"
+        return ArtifactError(f"GitHub API rate limit exceeded while {what}{when}")
+    if e.code == 401:
+        return ArtifactError(f"GitHub rejected the token (401{detail}); check --token / GITHUB_TOKEN / GH_TOKEN")
+    if e.code == 403:
+        return ArtifactError(
+            f"forbidden (403{detail}) while {what}; the token needs read access to Actions (actions:read)"
+        )
+    if e.code == 404:
+        return ArtifactError(
+            f"not found (404) while {what}; check OWNER/REPO, and that the token can see a private repository"
+        )
+    if e.code == 410:
+        return ArtifactError(
+            f"the artifact is gone (410) while {what}; artifacts expire after 90 days; re-run the workflow"
+        )
+    return ArtifactError(f"HTTP {e.code} {e.reason}{detail} while {what}")
+
+
+def _open(url: str, token: str, what: str, timeout: float):
+    req = urllib.request.Request(url, headers={
+        "Accept": "application/vnd.github+json",
+        "X-GitHub-Api-Version": "2022-11-28",
+        "Authorization": f"Bearer {token}",
+        "User-Agent": "mnist-flax-artifact",
+    })
+    try:
+        return urllib.request.build_opener(_StripAuthOnHostChange).open(req, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        raise _http_error(e, what) from e
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        raise _unreachable(url, e) from e
+
+
+def _unreachable(url: str, e: Exception) -> ArtifactError:
+    reason = getattr(e, "reason", None) or e
+    host = urllib.parse.urlsplit(url).netloc
+    return ArtifactError(f"could not reach {host}: {reason}; check your network / proxy / MNIST_FLAX_GITHUB_API")
+
+
+def _same_origin(url: str, base: str) -> str:
+    # The token goes to every URL we open ourselves, so only ever open the API's.
+    u, b = urllib.parse.urlsplit(url), urllib.parse.urlsplit(base)
+    if (u.scheme, u.netloc) != (b.scheme, b.netloc):
+        raise ArtifactError(f"refusing to send the token to {u.scheme}://{u.netloc} (API is {base})")
+    return url
+
+
+def list_artifacts(api: str, repo: str, token: str, timeout: float) -> list[dict]:
+    # No `name=` filter: GitHub matches it exactly, and our names end in the accuracy.
+    url, found = f"{api}/repos/{repo}/actions/artifacts?per_page=100", []
+    for _ in range(MAX_PAGES):
+        with _open(url, token, f"listing artifacts of {repo}", timeout) as resp:
+            try:
+                page = json.loads(resp.read())
+                found.extend(page["artifacts"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise ArtifactError(f"unexpected answer from {api} while listing artifacts: {e}") from e
+            except (OSError, http.client.HTTPException) as e:
+                raise _unreachable(url, e) from e
+            url = next_link(resp.headers.get("Link"))
+        if not url:
+            break
+        _same_origin(url, api)
+    return found
+
+
+def download(url: str, token: str, into, timeout: float) -> None:
+    with _open(url, token, "downloading the artifact", timeout) as resp:
+        total = 0
+        try:
+            while chunk := resp.read(1 << 20):
+                total += len(chunk)
+                if total > MAX_BYTES:
+                    raise ArtifactError(f"artifact is larger than {MAX_BYTES / 2**20:g} MiB; refusing it")
+                into.write(chunk)
+        except (OSError, http.client.HTTPException) as e:
+            raise _unreachable(url, e) from e
+
+
+def extract_verified(zip_file, dest: Path) -> list[Path]:
+    """Unpacks into `dest` (which must not exist) only if every checksum holds."""
+    _check_free(dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    except OSError as e:
+        raise ArtifactError(f"could not create a directory beside {dest}: {e}") from e
+    try:
+        try:
+            with zipfile.ZipFile(zip_file) as zf:
+                members = [m for m in zf.infolist() if not m.is_dir()]
+                bad = [m.filename for m in members if unsafe_member(m.filename)]
+                if bad:
+                    raise ArtifactError(f"artifact zip has an unsafe path {bad[0]!r}; refusing to unpack it")
+                if sum(m.file_size for m in members) > MAX_BYTES:
+                    raise ArtifactError(f"artifact unpacks to more than {MAX_BYTES / 2**20:g} MiB; refusing it")
+                for m in members:
+                    target = tmp / m.filename
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with zf.open(m) as src, open(target, "wb") as out:
+                        shutil.copyfileobj(src, out)
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:
+            raise ArtifactError(f"the downloaded artifact is not a valid zip: {e}") from e
+        checkpoints = sorted(tmp.rglob("*.msgpack"))
+        if not checkpoints:
+            raise ArtifactError("the artifact holds no .msgpack checkpoint")
+        for ckpt in checkpoints:
+            verify_checksum(ckpt)
+        os.rename(tmp, dest)
+        return [dest / c.relative_to(tmp) for c in checkpoints]
+    except OSError as e:
+        raise ArtifactError(f"could not unpack into {dest}: {e}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_free(dest: Path) -> None:
+    if dest.exists():
+        raise ArtifactError(f"{dest} already exists; remove it or choose another --dest")
+
+
+def read_sidecar(ckpt: Path) -> dict:
+    sidecar = ckpt.with_suffix(".json")
+    try:
+        return json.loads(sidecar.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{ckpt.name} has no sidecar {sidecar.name}; cannot verify it") from None
+    except ValueError as e:
+        raise ArtifactError(f"sidecar {sidecar.name} is not valid JSON: {e}") from e
+
+
+def verify_checksum(ckpt: Path) -> None:
+    expected = str(read_sidecar(ckpt).get("sha256", "")).lower()
+    actual = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    if expected != actual:
+        raise ArtifactError(
+            f"checksum mismatch for {ckpt.name}: sidecar says {expected or 'nothing'}, file is {actual}"
+        )
+
+
+def _token(flag: str | None) -> str:
+    token = flag or os.environ.get("GITHUB_TOKEN") or os.environ.get("GH_TOKEN")
+    if not token:
+        raise ArtifactError(
+            "no GitHub token: pass --token or set GITHUB_TOKEN / GH_TOKEN "
+            "(downloading artifacts needs one even from public repositories; `gh auth token` prints yours)"
+        )
+    return token
+
+
+def _percent(acc) -> str:
+    return f"{100 * acc:.2f}%" if isinstance(acc, (int, float)) else "unknown"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mnist_flax.artifact", description=__doc__.splitlines()[0])
+    p.add_argument("repo", help="GitHub repository as OWNER/REPO")
+    p.add_argument("--dest", type=Path, help="where to unpack (default artifacts/downloaded/<artifact name>)")
+    p.add_argument("--token", help="GitHub token (default: $GITHUB_TOKEN, then $GH_TOKEN)")
+    p.add_argument("--name-prefix", default=DEFAULT_PREFIX, help="artifact name prefix (default %(default)s)")
+    p.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per request (default %(default)s)")
+    p.add_argument("--evaluate", action="store_true", help="also measure the checkpoint's test accuracy")
+    add_debug_flag(p)
+    args = p.parse_args(argv)
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", args.repo):
+        raise UsageError(f"repository must look like OWNER/REPO, got {args.repo!r}")
+    if not args.timeout > 0:
+        raise UsageError(f"--timeout must be > 0, got {args.timeout}")
+
+    token = _token(args.token)
+    api = os.environ.get("MNIST_FLAX_GITHUB_API", DEFAULT_API).rstrip("/")
+    art = choose_artifact(list_artifacts(api, args.repo, token, args.timeout), args.name_prefix)
+    run = art.get("workflow_run") or {}
+    print(f"artifact: {art['name']} (created {art.get('created_at')}, run {run.get('id')} "
+          f"on {run.get('head_branch')} @ {str(run.get('head_sha'))[:7]})")
+    # The name comes from the server and becomes a path: keep it to one plain component.
+    name = art["name"] if re.fullmatch(r"[\w-][\w.-]*", art["name"]) else f"artifact-{art.get('id')}"
+    dest = args.dest or Path("artifacts", "downloaded", name)
+    _check_free(dest)  # before spending time on the download
+    with tempfile.TemporaryFile() as zip_file:
+        download(_same_origin(art["archive_download_url"], api), token, zip_file, args.timeout)
+        zip_file.seek(0)
+        checkpoints = extract_verified(zip_file, dest)
+
+    for ckpt in checkpoints:
+        meta = read_sidecar(ckpt)
+        print(f"checkpoint: {ckpt} (sha256 verified)")
+        print(f"test accuracy (sidecar): {_percent(meta.get('test_accuracy'))}")
+        if args.evaluate:
+            try:
+                from mnist_flax.evaluate import evaluate_checkpoint
+            except ImportError as e:
+                raise ArtifactError(f"--evaluate needs mnist_flax.evaluate, which cannot be imported: {e}") from e
+            measured = evaluate_checkpoint(str(ckpt))
+            print(f"test accuracy (measured): {_percent(measured)} (sidecar: {_percent(meta.get('test_accuracy'))})")
+    return 0
+
+
+def cli() -> None:
+    sys.exit(run_main(main))
+
+
+if __name__ == "__main__":
+    cli()
