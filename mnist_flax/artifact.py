@@ -291,18 +291,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"checkpoint: {ckpt} (sha256 verified)")
         print(f"test accuracy (sidecar): {_percent(meta.get('test_accuracy'))}")
         if args.evaluate:
-            try:
-                from mnist_flax.evaluate import evaluate_checkpoint
-            except ImportError as e:
-                raise ArtifactError(f"--evaluate needs mnist_flax.evaluate, which cannot be imported: {e}") from e
-            measured = evaluate_checkpoint(str(ckpt))
+            from mnist_flax.evaluate import evaluate_checkpoint  # loads JAX: only when asked
+
+            measured = evaluate_checkpoint(str(ckpt))["accuracy"]
             print(f"test accuracy (measured): {_percent(measured)} (sidecar: {_percent(meta.get('test_accuracy'))})")
     return 0
 
 
-def cli() -> None:
+def run() -> None:
     sys.exit(run_main(main))
 
 
 if __name__ == "__main__":
-    cli()
+    run()
