@@ -1,0 +1,105 @@
+"""The train step is pure, deterministic, compiles once, and learns."""
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from mnist_flax import training
+from mnist_flax.config import TrainConfig
+
+
+def fixed_batch(seed=0, size=32):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (size, 28, 28, 1), dtype=np.uint8)
+    labels = rng.integers(0, 10, (size,), dtype=np.int32)
+    return training.Batch(images, labels, np.ones(size, bool))
+
+
+@pytest.fixture(scope="module")
+def state():
+    return training.create_train_state(jax.random.key(0), TrainConfig())
+
+
+def test_step_is_pure_and_bit_for_bit_deterministic(state):
+    batch = fixed_batch()
+    step = jax.jit(training.train_step)
+    before = jax.tree.map(np.array, state)
+    s1, m1 = step(state, batch)
+    s2, m2 = step(state, batch)
+    chex.assert_trees_all_equal(s1.params, s2.params)
+    chex.assert_trees_all_equal(s1.batch_stats, s2.batch_stats)
+    chex.assert_trees_all_equal(s1.opt_state, s2.opt_state)
+    chex.assert_trees_all_equal(m1, m2)
+    chex.assert_trees_all_equal(jax.tree.map(np.array, state), before)  # input untouched
+    assert int(s1.step) == int(state.step) + 1
+
+
+def test_step_changes_params_and_batch_stats(state):
+    new, _ = jax.jit(training.train_step)(state, fixed_batch())
+    chex.assert_trees_all_equal_shapes_and_dtypes(new.params, state.params)
+    assert not np.array_equal(new.params["conv1"]["kernel"], state.params["conv1"]["kernel"])
+    assert not np.array_equal(new.batch_stats["bn1"]["mean"], state.batch_stats["bn1"]["mean"])
+
+
+def test_loss_goes_down_on_a_fixed_batch(state):
+    batch = fixed_batch(size=64)
+    step = jax.jit(training.train_step)
+    losses = []
+    s = state
+    for _ in range(20):
+        s, m = step(s, batch)
+        losses.append(float(m["loss_sum"] / m["count"]))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_step_compiles_once(state):
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(s, b):
+        return training.train_step(s, b)
+
+    s = state
+    for seed in range(3):
+        s, _ = step(s, fixed_batch(seed))
+
+
+def test_metrics_count_only_real_examples(state):
+    batch = fixed_batch(size=8)
+    mask = np.array([True] * 5 + [False] * 3)
+    _, m = jax.jit(training.train_step)(state, batch._replace(mask=mask))
+    assert float(m["count"]) == 5
+    assert 0 <= float(m["correct"]) <= 5
+
+
+@pytest.mark.parametrize("n,batch", [(60000, 128), (10, 4), (8, 4), (3, 128)])
+def test_epoch_order_sees_every_example_once(n, batch):
+    order, mask = training.epoch_order(jax.random.key(0), 0, n, batch)
+    assert order.shape == mask.shape == (-(-n // batch), batch)
+    assert sorted(order[mask].tolist()) == list(range(n))
+    assert mask.sum() == n
+
+
+def test_epoch_order_depends_on_key_and_epoch():
+    a, _ = training.epoch_order(jax.random.key(0), 0, 100, 10)
+    assert np.array_equal(a, training.epoch_order(jax.random.key(0), 0, 100, 10)[0])
+    assert not np.array_equal(a, training.epoch_order(jax.random.key(0), 1, 100, 10)[0])
+    assert not np.array_equal(a, training.epoch_order(jax.random.key(1), 0, 100, 10)[0])
+
+
+def test_train_epoch_on_tiny_data_is_reproducible(state):
+    batch = fixed_batch(size=20)
+    run = lambda: training.train_epoch(state, batch.images, batch.labels, jax.random.key(3), 0, batch_size=8,
+                                       step_fn=jax.jit(training.train_step))
+    (s1, m1), (s2, m2) = run(), run()
+    chex.assert_trees_all_equal(s1.params, s2.params)
+    assert m1 == m2 and m1["count"] == 20
+    assert int(s1.step) == 3
+
+
+def test_evaluate_counts_correct_predictions(state):
+    batch = fixed_batch(size=30)
+    variables = training.model_variables(state)
+    predicted = np.argmax(training.predict_logits(variables, batch.images), -1)
+    result = training.evaluate(variables, batch.images, predicted.astype(np.int32), batch_size=7)
+    assert result == {"accuracy": 1.0, "correct": 30, "count": 30}
