@@ -1,0 +1,234 @@
+"""MNIST as numpy arrays, prepared once by TFDS into array_record, without TensorFlow.
+
+TFDS's stock `mnist` builder needs TensorFlow (tf.io.gfile, PNG encoding), so this
+module has its own small builder that reads the four original IDX files, from a
+manual directory or from public mirrors, and stores raw uint8 tensors.
+"""
+
+import gzip
+import hashlib
+import os
+import struct
+import urllib.error
+import urllib.request
+import zlib
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from mnist_flax.errors import DataError
+
+MANUAL_DIR_ENV = "MNIST_FLAX_MANUAL_DIR"
+
+# IDX base names per split: (images, labels).
+SPLIT_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+FILE_NAMES = tuple(name for pair in SPLIT_FILES.values() for name in pair)
+
+# sha256 of the *decompressed* files: the same whichever mirror or gzip produced them
+# (TFDS's registered mnist checksums are of one mirror's .gz bytes, so they can't be used).
+MNIST_SHA256 = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+MNIST_NUM_EXAMPLES = {"train": 60_000, "test": 10_000}
+MNIST_MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+)
+
+_HOW_TO_GET = (
+    f"get the four MNIST files ({', '.join(n + '.gz' for n in FILE_NAMES)}) from an MNIST "
+    f"mirror such as {MNIST_MIRRORS[0]}, put them in one directory, and pass --manual-dir DIR "
+    f"or set {MANUAL_DIR_ENV}=DIR"
+)
+
+
+class MnistArrays(NamedTuple):
+    train_images: np.ndarray  # uint8 (60000, 28, 28, 1)
+    train_labels: np.ndarray  # int32 (60000,)
+    test_images: np.ndarray  # uint8 (10000, 28, 28, 1)
+    test_labels: np.ndarray  # int32 (10000,)
+
+
+def parse_idx(raw: bytes, dims: tuple[int, ...], source: str) -> np.ndarray:
+    """The uint8 array of an IDX file whose dimensions must be exactly `dims`."""
+    ndim = len(dims)
+    header_len = 4 + 4 * ndim
+    # Magic: two zero bytes, type 0x08 (unsigned byte), number of dimensions.
+    if len(raw) < header_len or raw[:4] != bytes([0, 0, 8, ndim]):
+        raise DataError(
+            f"{source} is not an IDX file of unsigned bytes with {ndim} dimension(s): it starts "
+            f"with {raw[:4].hex() or 'nothing'}, expected 000008{ndim:02x}. Replace it with the "
+            f"original MNIST file."
+        )
+    actual = struct.unpack(f">{ndim}I", raw[4:header_len])
+    if actual != dims:
+        raise DataError(f"{source} has IDX dimensions {actual}, expected {dims}; wrong or damaged file.")
+    body = raw[header_len:]
+    if len(body) != int(np.prod(dims)):
+        raise DataError(
+            f"{source} has {len(body)} data bytes after its header, expected {int(np.prod(dims))} "
+            f"(truncated or damaged); replace it with the original MNIST file."
+        )
+    return np.frombuffer(body, np.uint8).reshape(dims)
+
+
+def check_sha256(raw: bytes, expected: str, source: str) -> None:
+    actual = hashlib.sha256(raw).hexdigest()
+    if actual != expected:
+        raise DataError(
+            f"{source}: sha256 of the decompressed bytes is {actual}, expected {expected}. The "
+            f"file is corrupt or not the original MNIST file: delete it and run again to "
+            f"re-download, or point --manual-dir / {MANUAL_DIR_ENV} at good copies."
+        )
+
+
+def read_source(path: Path) -> bytes:
+    """The decompressed bytes of an IDX file, gzipped (`.gz`) or not."""
+    try:
+        raw = path.read_bytes()
+        return gzip.decompress(raw) if path.suffix == ".gz" else raw
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"cannot read {path}: {e}; replace it with the original MNIST file.") from e
+
+
+def find_manual_file(manual_dir: Path, name: str) -> Path:
+    if not manual_dir.is_dir():
+        raise DataError(
+            f"MNIST manual directory {manual_dir} does not exist or is not a directory; it should "
+            f"hold {', '.join(FILE_NAMES)} (each may be gzipped, with .gz)."
+        )
+    for candidate in (manual_dir / f"{name}.gz", manual_dir / name):
+        if candidate.is_file():
+            return candidate
+    raise DataError(
+        f"MNIST manual directory {manual_dir} has neither {name}.gz nor {name}; it should hold "
+        f"{', '.join(FILE_NAMES)} (each may be gzipped, with .gz)."
+    )
+
+
+def download(name: str, mirrors: tuple[str, ...], dest_dir: Path, timeout_s: float) -> Path:
+    """`name`.gz from the first mirror that serves it, cached in `dest_dir`.
+
+    Not TFDS's downloader: it has no timeout and retries ten times with backoff, so without a
+    network it takes minutes to fail. Here each socket operation times out and a failing
+    mirror is not retried. urllib verifies TLS certificates by default.
+    """
+    dest = dest_dir / f"{name}.gz"
+    if dest.is_file():  # From an earlier, interrupted prepare; the hash check still applies.
+        return dest
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    failures = []
+    for mirror in mirrors:
+        url = f"{mirror}{name}.gz"
+        partial = dest.with_name(dest.name + ".part")
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as response, open(partial, "wb") as f:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+            partial.replace(dest)  # Never leave a half file under the final name.
+            return dest
+        except (urllib.error.URLError, OSError) as e:  # URLError, HTTPError, timeouts, resets
+            partial.unlink(missing_ok=True)
+            failures.append(f"{url}: {getattr(e, 'reason', e)}")
+    raise DataError(f"cannot download {name}.gz ({'; '.join(failures)}). Without network access, {_HOW_TO_GET}.")
+
+
+class MnistIdx(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """MNIST from its IDX files, stored as array_record in the original record order.
+
+    Not registered with TFDS (nothing loads it by name). Tests subclass it with a tiny IDX set
+    by overriding the class attributes below; a subclass gets its own name, so its prepared
+    data never mixes with the real one's.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    EXPECTED_SHA256: dict[str, str] = MNIST_SHA256
+    NUM_EXAMPLES: dict[str, int] = MNIST_NUM_EXAMPLES
+    MIRRORS: tuple[str, ...] = MNIST_MIRRORS
+    DOWNLOAD_TIMEOUT_S = 10.0
+    # TFDS looks for a checksums file next to the builder's code with a check that imports the
+    # `importlib_resources` backport (a TFDS dependency only on Python < 3.9), which fails here.
+    # There is no such file: the sha256 check above replaces TFDS's checksums.
+    code_path = None
+
+    def __init__(self, *, manual_dir: str | os.PathLike | None = None, **kwargs):
+        manual_dir = manual_dir or os.environ.get(MANUAL_DIR_ENV)
+        self._manual_dir = Path(manual_dir).expanduser() if manual_dir else None
+        super().__init__(file_format="array_record", **kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="MNIST handwritten digits, from the original IDX files.",
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
+                    "label": tfds.features.ClassLabel(num_classes=10),
+                }
+            ),
+            supervised_keys=("image", "label"),
+            homepage="http://yann.lecun.com/exdb/mnist/",
+            # Records sorted by their integer key, i.e. kept in IDX order.
+            disable_shuffling=True,
+        )
+
+    def _split_generators(self, dl_manager):
+        # Read and verify every file before TFDS writes anything, so a bad file fails fast.
+        return {split: self._generate_examples(*self._load_split(split, dl_manager)) for split in SPLIT_FILES}
+
+    def _load_split(self, split: str, dl_manager) -> tuple[np.ndarray, np.ndarray]:
+        n = self.NUM_EXAMPLES[split]
+        images_name, labels_name = SPLIT_FILES[split]
+        images = self._load_file(images_name, (n, 28, 28), dl_manager)
+        labels = self._load_file(labels_name, (n,), dl_manager)
+        if labels.max(initial=0) > 9:
+            raise DataError(f"{labels_name} holds label {labels.max()}, MNIST labels are 0-9.")
+        return images[..., None], labels
+
+    def _load_file(self, name: str, dims: tuple[int, ...], dl_manager) -> np.ndarray:
+        if self._manual_dir is not None:
+            path = find_manual_file(self._manual_dir, name)
+        else:
+            path = download(name, self.MIRRORS, Path(dl_manager.download_dir), self.DOWNLOAD_TIMEOUT_S)
+        raw = read_source(path)
+        array = parse_idx(raw, dims, str(path))
+        check_sha256(raw, self.EXPECTED_SHA256[name], str(path))
+        return array
+
+    def _generate_examples(self, images: np.ndarray, labels: np.ndarray):
+        for i, (image, label) in enumerate(zip(images, labels)):
+            yield i, {"image": image, "label": int(label)}
+
+
+def read_split(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """All images and labels of a prepared split, in record order."""
+    source = builder.as_data_source(split=split)
+    records = source.__getitems__(range(len(source)))  # One batched read, not 60,000 lookups.
+    images = np.stack([r["image"] for r in records]) if records else np.zeros((0, 28, 28, 1), np.uint8)
+    labels = np.array([r["label"] for r in records], dtype=np.int32)
+    return images, labels
+
+
+def load_builder(builder: tfds.core.DatasetBuilder) -> MnistArrays:
+    """Prepares `builder` if it is not yet (once per data dir), then reads both splits."""
+    builder.download_and_prepare()
+    return MnistArrays(*read_split(builder, "train"), *read_split(builder, "test"))
+
+
+def load_mnist(data_dir: str | None = None, manual_dir: str | None = None) -> MnistArrays:
+    """MNIST as numpy arrays in the original IDX order.
+
+    data_dir: TFDS data directory (default: TFDS's own, which honours TFDS_DATA_DIR).
+    manual_dir: directory holding the four IDX files, gzipped or not (default: the
+    MNIST_FLAX_MANUAL_DIR environment variable, else download from public mirrors).
+    Only the first call for a data_dir reads the IDX files; later calls reuse its dataset.
+    """
+    return load_builder(MnistIdx(data_dir=data_dir, manual_dir=manual_dir))
