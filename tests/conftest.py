@@ -45,7 +45,14 @@ def mnist_manual_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def mnist_arrays(mnist_manual_dir, tmp_path_factory) -> data.MnistArrays:
-    """The real MNIST, prepared once per session into a temporary TFDS data dir."""
+def mnist_data_dir(mnist_manual_dir, tmp_path_factory) -> Path:
+    """A temporary TFDS data dir with the real MNIST prepared in it, once per session."""
     data_dir = tmp_path_factory.mktemp("tfds_data")
-    return data.load_mnist(data_dir=str(data_dir), manual_dir=str(mnist_manual_dir))
+    data.load_mnist(data_dir=str(data_dir), manual_dir=str(mnist_manual_dir))
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def mnist_arrays(mnist_manual_dir, mnist_data_dir) -> data.MnistArrays:
+    """The real MNIST as arrays (prepared once per session)."""
+    return data.load_mnist(data_dir=str(mnist_data_dir), manual_dir=str(mnist_manual_dir))
