@@ -7,6 +7,9 @@ MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
 NUM_CLASSES = 10
 IMAGE_SHAPE = (28, 28, 1)  # NHWC, one channel
+NUM_TRAIN_EXAMPLES = 60_000
+# "seed": the original's constant-rate Adam. "onecycle": see training.make_optimizer.
+RECIPES = ("seed", "onecycle")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,6 +20,7 @@ class TrainConfig:
     epochs: int = 1
     batch_size: int = 128
     learning_rate: float = 0.01
+    recipe: str = "seed"
 
     def validate(self) -> "TrainConfig":
         """Returns self, or raises ValueError naming the bad field."""
@@ -27,4 +31,9 @@ class TrainConfig:
         lr = self.learning_rate
         if not isinstance(lr, (int, float)) or not (0 < lr < float("inf")):
             raise ValueError(f"learning rate must be a finite number > 0, got {lr!r}")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
         return self
+
+    def steps_per_epoch(self, num_examples: int = NUM_TRAIN_EXAMPLES) -> int:
+        return -(-num_examples // self.batch_size)  # the last partial batch is padded, not dropped

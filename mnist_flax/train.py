@@ -1,11 +1,16 @@
 """Command line: train SeedNet on MNIST and save a checkpoint.
 
     python -m mnist_flax.train [--epochs 1] [--batch-size 128] [--learning-rate 0.01]
-                               [--seed 0] [--output-dir artifacts] [--manual-dir DIR]
+                               [--recipe seed|onecycle] [--seed 0] [--output-dir artifacts]
+                               [--manual-dir DIR] [--checkpoint-every N] [--resume DIR_OR_FILE]
+
+Ctrl-C (SIGINT) or SIGTERM finishes the current step, saves a resume state in the
+output directory and exits non-zero; `--resume` continues exactly where it stopped.
 """
 
 import argparse
-import os
+import dataclasses
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -14,92 +19,163 @@ from pathlib import Path
 import jax
 from tqdm import tqdm
 
-from mnist_flax import checkpoint, cli, training
-from mnist_flax.config import TrainConfig
+from mnist_flax import checkpoint, cli, loop, metrics_log, resume, training
+from mnist_flax.config import RECIPES, TrainConfig
 from mnist_flax.data import load_mnist
 from mnist_flax.errors import MnistFlaxError
 from mnist_flax.model import count_params, format_parameter_table
 
-PROGRESS_EVERY = 10  # steps between progress-bar refreshes; each one waits for the device
+PROGRESS_EVERY = 10  # steps between progress-bar refreshes
+EXIT_SIGNAL_BASE = 128  # shell convention: killed by signal N exits 128 + N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m mnist_flax.train", description=__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=int, default=defaults.epochs)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    p.add_argument("--seed", type=int, default=defaults.seed, help="PRNG seed for init and data order")
-    p.add_argument("--output-dir", default="artifacts", help="where the checkpoint and its sidecar go")
+    # Run settings default to None so that --resume can tell which were given.
+    p.add_argument("--epochs", type=int, help=f"default {TrainConfig.epochs}")
+    p.add_argument("--batch-size", type=int, help=f"default {TrainConfig.batch_size}")
+    p.add_argument("--learning-rate", type=float, help=f"(peak, for onecycle) default {TrainConfig.learning_rate}")
+    p.add_argument("--recipe", choices=RECIPES, help="seed: the original's constant-rate Adam (default); "
+                   "onecycle: warm-up then cosine decay of the learning rate")
+    p.add_argument("--seed", type=int, help="PRNG seed for initialisation and data order (default 0)")
+    p.add_argument("--output-dir", default=None, help="where the checkpoint and its sidecar go (default artifacts)")
     p.add_argument("--data-dir", default=None, help="TFDS data directory (default: TFDS's, or $TFDS_DATA_DIR)")
     p.add_argument("--manual-dir", default=None,
                    help="folder with the four MNIST IDX files, for machines without internet "
                         "(default: $MNIST_FLAX_MANUAL_DIR)")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="also save the resume state every N steps (0: only when interrupted)")
+    p.add_argument("--resume", metavar="DIR_OR_FILE", help="continue an interrupted run from its resume state")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG report at the end")
     cli.add_debug_flag(p)
     return p
 
 
+SETTINGS = ("seed", "epochs", "batch_size", "learning_rate", "recipe")
+
+
 def parse_config(args: argparse.Namespace) -> TrainConfig:
+    given = {name: getattr(args, name) for name in SETTINGS if getattr(args, name) is not None}
     try:
-        return TrainConfig(seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
-                           learning_rate=args.learning_rate).validate()
+        return TrainConfig(**given).validate()
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
 
 
-def prepare_output_dir(path: str) -> Path:
+def check_args(args: argparse.Namespace) -> None:
+    if args.checkpoint_every < 0:
+        raise cli.UsageError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    if args.resume:
+        given = [f"--{n.replace('_', '-')}" for n in SETTINGS if getattr(args, n) is not None]
+        if given:
+            raise cli.UsageError(f"--resume continues the saved run with its own settings; drop {' '.join(given)}")
+
+
+def prepare_output_dir(path: str | Path) -> Path:
     """Creates the output directory and proves it writable before any training time is spent."""
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"ok")
+        probe = out / ".write-test"
+        probe.write_bytes(b"x" * 1_000_000)  # a checkpoint's size, with room: a full disk fails here
         probe.unlink()
     except OSError as e:
         raise MnistFlaxError(f"output directory {out} is not writable ({e.strerror}); "
-                                 "choose another with --output-dir") from None
+                             "choose another with --output-dir or free some space") from None
     return out
 
 
-def train_and_evaluate(config: TrainConfig, data, show_progress: bool = True) -> dict:
-    """Trains for config.epochs and returns the final state, metrics and timings."""
-    init_key, data_key = jax.random.split(jax.random.key(config.seed))
-    state = training.create_train_state(init_key, config)
-    steps_per_epoch = -(-len(data.train_images) // config.batch_size)
-    epoch_seconds = []
-    for epoch in range(config.epochs):
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step",
-                   disable=not show_progress, dynamic_ncols=True)
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps."""
 
-        def on_step(i, totals):
-            if (i + 1) % PROGRESS_EVERY == 0 or i + 1 == steps_per_epoch:
-                live = training.summarize(totals)
-                bar.set_postfix(loss=f"{live['loss']:.4f}", acc=f"{live['accuracy']:.4f}", refresh=False)
-                bar.update(i + 1 - bar.n)
+    def __init__(self):
+        self.signal = None
 
-        start = time.perf_counter()
-        state, train_metrics = training.train_epoch(state, data.train_images, data.train_labels,
-                                                    data_key, epoch, config.batch_size, on_step=on_step)
-        jax.block_until_ready(state)
-        epoch_seconds.append(time.perf_counter() - start)
+    def __call__(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C: the user really wants out
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self)
+        signal.signal(signal.SIGTERM, self)
+
+
+def start_or_resume(args, config_or_none):
+    """(state, position, config, output_dir) for a fresh run or the one being resumed."""
+    if args.resume:
+        state, position, config = resume.load_resume_state(args.resume)
+        output_dir = Path(args.output_dir) if args.output_dir else resume.resume_path(args.resume).parent
+        return state, position, config, output_dir
+    config = config_or_none
+    state = training.create_train_state(jax.random.split(jax.random.key(config.seed))[0], config)
+    return state, loop.Position(), config, Path(args.output_dir or "artifacts")
+
+
+def data_key(config: TrainConfig) -> jax.Array:
+    return jax.random.split(jax.random.key(config.seed))[1]
+
+
+def train(args, config: TrainConfig | None, data) -> dict:
+    state, position, config, output_dir = start_or_resume(args, config)
+    prepare_output_dir(output_dir)
+    steps_per_epoch = config.steps_per_epoch(len(data.train_images))
+    schedule = training.learning_rate_schedule(config, len(data.train_images))
+    log = metrics_log.MetricsLog(output_dir, keep_until_step=int(state.step))
+    stop = StopRequest()
+    stop.install()
+    bar = tqdm(total=steps_per_epoch * config.epochs, initial=int(state.step), unit="step",
+               disable=args.no_progress, dynamic_ncols=True)
+    epoch_seconds, epoch_metrics, epoch_start = [], {}, [time.perf_counter()]
+
+    def on_step(r: loop.StepReport):
+        log.write(step=r.step, epoch=r.epoch, loss=r.loss, accuracy=r.accuracy,
+                  learning_rate=float(schedule(r.step - 1)), images_per_second=r.images_per_second)
+        if r.step % PROGRESS_EVERY == 0 or r.batch == r.batches_per_epoch:
+            live = r.position.epoch_metrics()
+            bar.set_description(f"epoch {r.epoch + 1}/{config.epochs}")
+            bar.set_postfix(loss=f"{live['loss']:.4f}", acc=f"{live['accuracy']:.4f}", refresh=False)
+            bar.update(r.step - bar.n)
+
+    def on_epoch_end(epoch, metrics):
+        epoch_seconds.append(time.perf_counter() - epoch_start[0])
+        epoch_metrics.update(metrics)
+        epoch_start[0] = time.perf_counter()
+
+    def should_pause(state, position):
+        every = args.checkpoint_every and int(state.step) % args.checkpoint_every == 0
+        if stop.signal is not None or every:
+            resume.save_resume_state(output_dir, state, position, config)
+        return stop.signal is not None
+
+    try:
+        state, position, finished = loop.run_epochs(
+            state, data.train_images, data.train_labels, data_key(config), config.epochs, config.batch_size,
+            position, on_step=on_step, on_epoch_end=on_epoch_end, should_pause=should_pause)
+    except loop.NonFiniteLoss as e:
+        resume.save_resume_state(output_dir, e.state, e.position, config)
+        raise MnistFlaxError(f"{e} The last good state (before step {e.step}) is in "
+                             f"{resume.resume_path(output_dir)}.") from None
+    finally:
         bar.close()
-    variables = training.model_variables(state)
-    test_metrics = training.evaluate(variables, data.test_images, data.test_labels)
-    return {"state": state, "variables": variables, "train": train_metrics, "test": test_metrics,
-            "epoch_seconds": epoch_seconds}
+        log.close()
+    return {"state": state, "position": position, "finished": finished, "config": config,
+            "output_dir": output_dir, "stop_signal": stop.signal, "epoch_seconds": epoch_seconds,
+            "train": epoch_metrics or position.epoch_metrics()}
 
 
-def run_metadata(config: TrainConfig, result: dict) -> dict:
+def run_metadata(config: TrainConfig, result: dict, test: dict) -> dict:
     import flax
     import optax
     return {
-        "test_accuracy": result["test"]["accuracy"],
+        "test_accuracy": test["accuracy"],
         "train_accuracy": result["train"]["accuracy"],
         "train_loss": result["train"]["loss"],
-        "params": count_params(result["variables"]["params"]),
-        "seed": config.seed, "epochs": config.epochs, "batch_size": config.batch_size,
-        "learning_rate": config.learning_rate,
+        "per_class_test_accuracy": test["per_class_accuracy"],
+        "confusion_matrix": test["confusion_matrix"],
+        "params": count_params(result["state"].params),
+        **dataclasses.asdict(config),
         "epoch_seconds": [round(s, 3) for s in result["epoch_seconds"]],
         "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
                      "python": sys.version.split()[0]},
@@ -108,18 +184,32 @@ def run_metadata(config: TrainConfig, result: dict) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    config = parse_config(args)
-    output_dir = prepare_output_dir(args.output_dir)
+    check_args(args)
+    config = None if args.resume else parse_config(args)
+    if not args.resume:
+        prepare_output_dir(args.output_dir or "artifacts")
     data = load_mnist(data_dir=args.data_dir, manual_dir=args.manual_dir)
-    result = train_and_evaluate(config, data, show_progress=not args.no_progress)
-    metadata = run_metadata(config, result)
-    path = checkpoint.save_checkpoint(output_dir, result["variables"], metadata)
-    print(format_parameter_table(result["variables"]["params"]))
+    result = train(args, config, data)
+    config, output_dir = result["config"], result["output_dir"]
+    if not result["finished"]:
+        step = int(result["state"].step)
+        print(f"\nstopped at step {step} by signal {result['stop_signal']}; the state is saved. Resume with:\n"
+              f"  python -m mnist_flax.train --resume {output_dir}", file=sys.stderr)
+        return EXIT_SIGNAL_BASE + (result["stop_signal"] or signal.SIGINT)
+
+    variables = training.model_variables(result["state"])
+    test = training.evaluate(variables, data.test_images, data.test_labels)
+    metadata = run_metadata(config, result, test)
+    path = checkpoint.save_checkpoint(output_dir, variables, metadata)
+    resume.remove_resume_state(output_dir)  # the run is complete: nothing left to resume
+    if not args.no_plots:
+        from mnist_flax import report  # matplotlib is slow to import: only when used
+        report.write_plots(path, data=data)
+    print(format_parameter_table(variables["params"]))
     print(f"parameters:     {metadata['params']:,}")
     print(f"epoch time:     {', '.join(f'{s:.1f} s' for s in result['epoch_seconds'])}")
     print(f"train accuracy: {100 * metadata['train_accuracy']:.2f}% (running, last epoch)")
-    print(f"test accuracy:  {100 * metadata['test_accuracy']:.2f}% "
-          f"({result['test']['correct']:,}/{result['test']['count']:,})")
+    print(f"test accuracy:  {100 * metadata['test_accuracy']:.2f}% ({test['correct']:,}/{test['count']:,})")
     print(f"checkpoint:     {path}")
     return 0
 

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from mnist_flax.config import TrainConfig
+from mnist_flax.config import NUM_CLASSES, NUM_TRAIN_EXAMPLES, TrainConfig
 from mnist_flax.model import SeedNet, init_variables
 
 EVAL_BATCH_SIZE = 1000
@@ -30,14 +30,31 @@ class Batch(NamedTuple):
     mask: jax.Array  # bool (B,): False marks padding in the epoch's last batch
 
 
-def create_train_state(key: jax.Array, config: TrainConfig) -> TrainState:
+# The one-cycle recipe: warm up to PEAK_FACTOR x the learning rate over the first
+# WARMUP_FRACTION of the run, then anneal (cosine) to nearly zero by its last step.
+ONECYCLE_PEAK_FACTOR = 1.0
+ONECYCLE_WARMUP_FRACTION = 0.2
+ONECYCLE_FINAL_DIV = 1e3
+
+
+def learning_rate_schedule(config: TrainConfig, num_examples: int = NUM_TRAIN_EXAMPLES) -> optax.Schedule:
+    if config.recipe == "seed":
+        return optax.constant_schedule(config.learning_rate)
+    total = config.epochs * config.steps_per_epoch(num_examples)
+    return optax.cosine_onecycle_schedule(
+        transition_steps=total, peak_value=ONECYCLE_PEAK_FACTOR * config.learning_rate,
+        pct_start=ONECYCLE_WARMUP_FRACTION, final_div_factor=ONECYCLE_FINAL_DIV)
+
+
+def create_train_state(key: jax.Array, config: TrainConfig, num_examples: int = NUM_TRAIN_EXAMPLES) -> TrainState:
+    """Fresh model and Adam state; `num_examples` sizes the learning-rate schedule."""
     variables = init_variables(key)
     return TrainState.create(
         apply_fn=SeedNet().apply,
         params=variables["params"],
         batch_stats=variables["batch_stats"],
-        tx=optax.adam(config.learning_rate),
-    )
+        tx=optax.adam(learning_rate_schedule(config, num_examples)),
+    ).replace(step=jnp.zeros((), jnp.int32))  # an array from the start, so its type never changes
 
 
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
@@ -138,14 +155,23 @@ jit_train_step = jax.jit(train_step, donate_argnums=0)
 
 
 @jax.jit
-def _count_correct(variables: dict, images: jax.Array, labels: jax.Array) -> jax.Array:
-    return jnp.sum(jnp.argmax(predict_logits(variables, images), -1) == labels)
+def _probabilities(variables: dict, images: jax.Array) -> jax.Array:
+    return jax.nn.softmax(predict_logits(variables, images))
+
+
+def predict_probabilities(variables: dict, images: np.ndarray, batch_size: int = EVAL_BATCH_SIZE) -> np.ndarray:
+    """Class probabilities (N, 10) in eval mode, computed in batches."""
+    chunks = [_probabilities(variables, images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    return np.concatenate(jax.device_get(chunks))
 
 
 def evaluate(variables: dict, images: np.ndarray, labels: np.ndarray, batch_size: int = EVAL_BATCH_SIZE) -> dict:
-    """Accuracy of {'params', 'batch_stats'} on a labelled set, in eval mode."""
-    correct = 0
-    for start in range(0, len(images), batch_size):
-        stop = start + batch_size
-        correct += int(_count_correct(variables, images[start:stop], labels[start:stop]))
-    return {"accuracy": correct / len(images), "correct": correct, "count": len(images)}
+    """Accuracy, per-class accuracy and confusion matrix (rows: true, columns: predicted)."""
+    predicted = predict_probabilities(variables, images, batch_size).argmax(-1)
+    confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    correct = int(np.trace(confusion))
+    per_class = np.diag(confusion) / np.maximum(confusion.sum(axis=1), 1)
+    return {"accuracy": correct / len(images), "correct": correct, "count": len(images),
+            "per_class_accuracy": [round(float(a), 6) for a in per_class],
+            "confusion_matrix": confusion.tolist()}

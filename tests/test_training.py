@@ -102,4 +102,10 @@ def test_evaluate_counts_correct_predictions(state):
     variables = training.model_variables(state)
     predicted = np.argmax(training.predict_logits(variables, batch.images), -1)
     result = training.evaluate(variables, batch.images, predicted.astype(np.int32), batch_size=7)
-    assert result == {"accuracy": 1.0, "correct": 30, "count": 30}
+    assert (result["accuracy"], result["correct"], result["count"]) == (1.0, 30, 30)
+    confusion = np.array(result["confusion_matrix"])
+    assert confusion.sum() == 30 and np.trace(confusion) == 30
+    wrong = (predicted + 1) % 10
+    result = training.evaluate(variables, batch.images, wrong.astype(np.int32))
+    assert result["correct"] == 0 and np.array(result["confusion_matrix"])[wrong[0], predicted[0]] >= 1
+    assert all(a == 0 for a in result["per_class_accuracy"])
