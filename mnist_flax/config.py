@@ -21,6 +21,7 @@ class TrainConfig:
     batch_size: int = 128
     learning_rate: float = 0.01
     recipe: str = "seed"
+    train_examples: int = 0  # use only the first N training examples (quick checks); 0: all
 
     def validate(self) -> "TrainConfig":
         """Returns self, or raises ValueError naming the bad field."""
@@ -31,9 +32,12 @@ class TrainConfig:
         lr = self.learning_rate
         if not isinstance(lr, (int, float)) or not (0 < lr < float("inf")):
             raise ValueError(f"learning rate must be a finite number > 0, got {lr!r}")
+        if not isinstance(self.train_examples, int) or self.train_examples < 0:
+            raise ValueError(f"train examples must be a whole number >= 0, got {self.train_examples!r}")
         if self.recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
         return self
 
-    def steps_per_epoch(self, num_examples: int = NUM_TRAIN_EXAMPLES) -> int:
-        return -(-num_examples // self.batch_size)  # the last partial batch is padded, not dropped
+    def steps_per_epoch(self) -> int:
+        examples = self.train_examples or NUM_TRAIN_EXAMPLES
+        return -(-examples // self.batch_size)  # the last partial batch is padded, not dropped

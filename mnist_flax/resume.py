@@ -52,7 +52,12 @@ def _typed_fields(cls, raw, source: str, what: str):
     values = {}
     for name, kind in fields.items():
         value = raw[name]
-        kind = {"int": int, "float": float}.get(kind, kind)
+        kind = {"int": int, "float": float, "str": str}.get(kind, kind)
+        if kind is str:
+            if not isinstance(value, str):
+                raise CheckpointError(f"{source}: {what}.{name} must be text: {value!r}")
+            values[name] = value
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
             raise CheckpointError(f"{source}: {what}.{name} is not a finite number: {value!r}")
         if kind is int and value != int(value):

@@ -20,6 +20,7 @@ import jax
 from tqdm import tqdm
 
 from mnist_flax import checkpoint, cli, loop, metrics_log, resume, training
+from mnist_flax.atomic import remove_stale_temporaries
 from mnist_flax.config import RECIPES, TrainConfig
 from mnist_flax.data import load_mnist
 from mnist_flax.errors import MnistFlaxError
@@ -38,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", choices=RECIPES, help="seed: the original's constant-rate Adam (default); "
                    "onecycle: warm-up then cosine decay of the learning rate")
     p.add_argument("--seed", type=int, help="PRNG seed for initialisation and data order (default 0)")
+    p.add_argument("--train-examples", type=int, metavar="N",
+                   help="train on the first N examples only, for quick checks (default: all 60,000)")
     p.add_argument("--output-dir", default=None, help="where the checkpoint and its sidecar go (default artifacts)")
     p.add_argument("--data-dir", default=None, help="TFDS data directory (default: TFDS's, or $TFDS_DATA_DIR)")
     p.add_argument("--manual-dir", default=None,
@@ -52,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-SETTINGS = ("seed", "epochs", "batch_size", "learning_rate", "recipe")
+SETTINGS = ("seed", "epochs", "batch_size", "learning_rate", "recipe", "train_examples")
 
 
 def parse_config(args: argparse.Namespace) -> TrainConfig:
@@ -117,14 +120,19 @@ def data_key(config: TrainConfig) -> jax.Array:
     return jax.random.split(jax.random.key(config.seed))[1]
 
 
-def train(args, config: TrainConfig | None, data) -> dict:
+def train(args, config: TrainConfig | None, data, stop: "StopRequest") -> dict:
     state, position, config, output_dir = start_or_resume(args, config)
     prepare_output_dir(output_dir)
-    steps_per_epoch = config.steps_per_epoch(len(data.train_images))
-    schedule = training.learning_rate_schedule(config, len(data.train_images))
+    if config.train_examples > len(data.train_images):
+        raise cli.UsageError(f"--train-examples {config.train_examples} is more than the "
+                             f"{len(data.train_images):,} training examples")
+    if config.train_examples:
+        data = data._replace(train_images=data.train_images[:config.train_examples],
+                             train_labels=data.train_labels[:config.train_examples])
+    steps_per_epoch = config.steps_per_epoch()
+    schedule = training.learning_rate_schedule(config)
     log = metrics_log.MetricsLog(output_dir, keep_until_step=int(state.step))
-    stop = StopRequest()
-    stop.install()
+    print(f"training from step {int(state.step)} of {steps_per_epoch * config.epochs}", file=sys.stderr, flush=True)
     bar = tqdm(total=steps_per_epoch * config.epochs, initial=int(state.step), unit="step",
                disable=args.no_progress, dynamic_ncols=True)
     epoch_seconds, epoch_metrics, epoch_start = [], {}, [time.perf_counter()]
@@ -185,11 +193,18 @@ def run_metadata(config: TrainConfig, result: dict, test: dict) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
+    # Signals become a flag from here on: interrupting the data loader's threads can crash
+    # the interpreter, and a signal during training must let the current step finish.
+    stop = StopRequest()
+    stop.install()
     config = None if args.resume else parse_config(args)
     if not args.resume:
         prepare_output_dir(args.output_dir or "artifacts")
     data = load_mnist(data_dir=args.data_dir, manual_dir=args.manual_dir)
-    result = train(args, config, data)
+    if stop.signal is not None:
+        print("interrupted before training started; nothing to resume", file=sys.stderr)
+        return EXIT_SIGNAL_BASE + stop.signal
+    result = train(args, config, data, stop)
     config, output_dir = result["config"], result["output_dir"]
     if not result["finished"]:
         step = int(result["state"].step)
@@ -202,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     metadata = run_metadata(config, result, test)
     path = checkpoint.save_checkpoint(output_dir, variables, metadata)
     resume.remove_resume_state(output_dir)  # the run is complete: nothing left to resume
+    remove_stale_temporaries(output_dir)  # left by a writer killed mid-write in an earlier run
     if not args.no_plots:
         from mnist_flax import report  # matplotlib is slow to import: only when used
         report.write_plots(path, data=data)

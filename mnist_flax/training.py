@@ -12,7 +12,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from mnist_flax.config import NUM_CLASSES, NUM_TRAIN_EXAMPLES, TrainConfig
+from mnist_flax.config import NUM_CLASSES, TrainConfig
 from mnist_flax.model import SeedNet, init_variables
 
 EVAL_BATCH_SIZE = 1000
@@ -37,23 +37,23 @@ ONECYCLE_WARMUP_FRACTION = 0.2
 ONECYCLE_FINAL_DIV = 1e3
 
 
-def learning_rate_schedule(config: TrainConfig, num_examples: int = NUM_TRAIN_EXAMPLES) -> optax.Schedule:
+def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
     if config.recipe == "seed":
         return optax.constant_schedule(config.learning_rate)
-    total = config.epochs * config.steps_per_epoch(num_examples)
+    total = config.epochs * config.steps_per_epoch()
     return optax.cosine_onecycle_schedule(
         transition_steps=total, peak_value=ONECYCLE_PEAK_FACTOR * config.learning_rate,
         pct_start=ONECYCLE_WARMUP_FRACTION, final_div_factor=ONECYCLE_FINAL_DIV)
 
 
-def create_train_state(key: jax.Array, config: TrainConfig, num_examples: int = NUM_TRAIN_EXAMPLES) -> TrainState:
-    """Fresh model and Adam state; `num_examples` sizes the learning-rate schedule."""
+def create_train_state(key: jax.Array, config: TrainConfig) -> TrainState:
+    """Fresh model and Adam state for `config`'s optimiser and schedule."""
     variables = init_variables(key)
     return TrainState.create(
         apply_fn=SeedNet().apply,
         params=variables["params"],
         batch_stats=variables["batch_stats"],
-        tx=optax.adam(learning_rate_schedule(config, num_examples)),
+        tx=optax.adam(learning_rate_schedule(config)),
     ).replace(step=jnp.zeros((), jnp.int32))  # an array from the start, so its type never changes
 
 
@@ -151,7 +151,8 @@ def train_epoch(
     return state, summarize(totals)
 
 
-jit_train_step = jax.jit(train_step, donate_argnums=0)
+# Not donated: the loop keeps the state from before each step, to fall back on if the loss turns NaN.
+jit_train_step = jax.jit(train_step)
 
 
 @jax.jit

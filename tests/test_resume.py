@@ -1,0 +1,131 @@
+"""Interrupted training resumes bit for bit; the NaN guard keeps the last good state."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from mnist_flax import resume, training
+from mnist_flax.checkpoint import load_checkpoint
+from mnist_flax.config import TrainConfig
+from mnist_flax.errors import CheckpointError
+from mnist_flax.loop import Position
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+QUICK = ["--train-examples", "6400", "--no-plots", "--no-progress"]  # 50 steps of 128
+
+
+def train_cmd(out, data_dir, manual_dir, *extra):
+    return [sys.executable, "-m", "mnist_flax.train", "--output-dir", str(out), "--data-dir", str(data_dir),
+            "--manual-dir", str(manual_dir), *extra]
+
+
+def resume_cmd(out, data_dir, manual_dir):
+    return [sys.executable, "-m", "mnist_flax.train", "--resume", str(out), "--no-plots", "--no-progress",
+            "--data-dir", str(data_dir), "--manual-dir", str(manual_dir)]
+
+
+def run(cmd, timeout=300):
+    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def interrupt_at_random_step(cmd, sig, rng):
+    """Starts training, waits until it trains, sends `sig` at a random moment; returns the process result."""
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()  # "training from step 0 of N": the signal handler is in place
+    assert line.startswith("training from step"), line + proc.stderr.read()
+    time.sleep(rng.uniform(0.0, 1.5))
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=300)
+    return proc.returncode, stdout, line + stderr
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, mnist_data_dir, mnist_manual_dir):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    result = run(train_cmd(out, mnist_data_dir, mnist_manual_dir, *QUICK))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return next(out.glob("*.msgpack"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_run_resumes_bit_identical(tmp_path, uninterrupted, mnist_data_dir, mnist_manual_dir, sig):
+    rng = random.Random(int(sig) * 7919 + os.getpid())
+    out = tmp_path / "run"
+    code, _, stderr = interrupt_at_random_step(train_cmd(out, mnist_data_dir, mnist_manual_dir, *QUICK), sig, rng)
+    if code == 0:
+        pytest.skip("training finished before the signal arrived (machine faster than expected)")
+    assert code == 128 + sig, stderr[-2000:]
+    assert "--resume" in stderr and (out / resume.RESUME_FILE).is_file()
+    _, position, _ = resume.load_resume_state(out)
+    assert 0 < position.batch < 50
+
+    resumed = run(resume_cmd(out, mnist_data_dir, mnist_manual_dir))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    final = next(out.glob("*.msgpack"))
+    assert final.read_bytes() == uninterrupted.read_bytes()  # bit for bit: params and BatchNorm statistics
+    assert not (out / resume.RESUME_FILE).exists()  # a finished run leaves nothing to resume
+    steps = [int(line.split(",")[0].split(":")[1]) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 51))  # no step logged twice or missing
+
+
+def test_checkpoint_every_and_resume_flags_conflict(tmp_path, mnist_data_dir, mnist_manual_dir):
+    result = run(train_cmd(tmp_path, mnist_data_dir, mnist_manual_dir, "--resume", str(tmp_path), "--epochs", "2"))
+    assert result.returncode == 2 and "drop --epochs" in result.stderr
+
+
+def test_checkpoint_every_survives_sigkill(tmp_path, mnist_data_dir, mnist_manual_dir, uninterrupted):
+    """--checkpoint-every N saves as it goes; after a SIGKILL the last save resumes bit-identical."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(out, mnist_data_dir, mnist_manual_dir, *QUICK, "--checkpoint-every", "20"),
+                            cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (out / resume.RESUME_FILE).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    if proc.returncode == 0:
+        pytest.skip("training finished before the kill")
+    state, position, _ = resume.load_resume_state(out)  # complete, never torn
+    assert position.batch % 20 == 0 and int(state.step) == position.batch > 0
+    resumed = run(resume_cmd(out, mnist_data_dir, mnist_manual_dir))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert next(out.glob("mnist_flax_*.msgpack")).read_bytes() == uninterrupted.read_bytes()
+    assert not list(out.glob(".*.tmp"))  # the successful run cleared any stray temporary
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_state(tmp_path, mnist_data_dir, mnist_manual_dir):
+    result = run(train_cmd(tmp_path, mnist_data_dir, mnist_manual_dir, *QUICK, "--learning-rate", "1e30"))
+    assert result.returncode == 1
+    assert "NaN or infinite at step" in result.stderr and "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("*.msgpack")) or [p.name for p in tmp_path.glob("*.msgpack")] == ["resume.msgpack"]
+    state, position, _ = resume.load_resume_state(tmp_path)  # validated: every value finite
+    chex.assert_tree_all_finite(state.params)
+
+
+def test_resume_state_round_trip(tmp_path):
+    config = TrainConfig(seed=3, recipe="onecycle")
+    state = training.create_train_state(jax.random.key(0), config)
+    resume.save_resume_state(tmp_path, state, Position(0, 7, 1.5, 2.0, 3.0), config)
+    restored, position, restored_config = resume.load_resume_state(tmp_path / resume.RESUME_FILE)
+    chex.assert_trees_all_equal(restored.params, state.params)
+    chex.assert_trees_all_equal(restored.opt_state, state.opt_state)
+    assert position == Position(0, 7, 1.5, 2.0, 3.0) and restored_config == config
+
+
+@pytest.mark.parametrize("corrupt", [lambda b: b[:len(b) // 2], lambda b: b"\x84" + b[1:], lambda b: b"junk"])
+def test_corrupt_resume_state_is_rejected(tmp_path, corrupt):
+    config = TrainConfig()
+    state = training.create_train_state(jax.random.key(0), config)
+    path = resume.save_resume_state(tmp_path, state, Position(), config)
+    path.write_bytes(corrupt(path.read_bytes()))
+    with pytest.raises(CheckpointError, match="resume.msgpack"):
+        resume.load_resume_state(tmp_path)
