@@ -40,6 +40,7 @@ import safetensors.numpy
 
 from mnist_flax import __version__, checkpoint, cli
 from mnist_flax.atomic import atomic_write_bytes, atomic_write_text
+from mnist_flax.config import NUM_TRAIN_EXAMPLES
 from mnist_flax.errors import CheckpointError
 from mnist_flax.model import CONV_LAYERS
 
@@ -47,7 +48,6 @@ FORMATS = {"safetensors": ".safetensors", "npz": ".npz"}
 NUM_LAYERS = len(CONV_LAYERS)
 # conv5's output, (H, W, C) = (8, 8, 8), is what fc sees flattened.
 FC_INPUT_HWC = (8, 8, CONV_LAYERS[-1][0])
-MNIST_TRAIN_SIZE = 60_000
 # Our safetensors header is ~2 KB of JSON; safetensors itself allows 100 MB,
 # which is far more than we will parse from a file someone handed us.
 MAX_HEADER_BYTES = 64 * 1024
@@ -142,8 +142,8 @@ def num_batches_from_sidecar(sidecar: dict | None) -> tuple[int, str]:
     batch, epochs = sidecar.get("batch_size"), sidecar.get("epochs")
     if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (batch, epochs)):
         # One BatchNorm update per step; the last, partial batch of an epoch is a step too.
-        return math.ceil(MNIST_TRAIN_SIZE / batch) * epochs, \
-            f"sidecar: ceil({MNIST_TRAIN_SIZE}/{batch}) steps x {epochs} epoch(s)"
+        return math.ceil(NUM_TRAIN_EXAMPLES / batch) * epochs, \
+            f"sidecar: ceil({NUM_TRAIN_EXAMPLES}/{batch}) steps x {epochs} epoch(s)"
     return 0, "unknown (no batch_size/epochs in a sidecar): 0"
 
 

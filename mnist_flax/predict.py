@@ -30,7 +30,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-import jax
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -124,12 +123,6 @@ def prepare(path: str | Path) -> Prepared:
     return to_mnist(read_grayscale(path), str(path))
 
 
-def predict_probabilities(variables: dict, images: np.ndarray) -> np.ndarray:
-    """uint8 (N, 28, 28) -> softmax probabilities (N, 10), one eval-mode forward pass."""
-    logits = training.predict_logits(variables, images[..., None])
-    return np.asarray(jax.nn.softmax(logits, axis=-1))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mnist_flax.predict", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="a .msgpack written by mnist_flax.train (or export --from-torch)")
@@ -150,7 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             failures += 1
     results = []
     if prepared:
-        probs = predict_probabilities(variables, np.stack([p.image for p in prepared]))
+        images = np.stack([p.image for p in prepared])[..., None]
+        probs = training.predict_probabilities(variables, images, batch_size=len(images))  # one pass
         for path, prep, row in zip(files, prepared, probs):
             digit = int(np.argmax(row))
             results.append({"file": path, "digit": digit, "probability": float(row[digit]),

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT
+from conftest import REPO
 from mnist_flax import predict
 from mnist_flax.cli import run_main
 from mnist_flax.errors import ImageError
@@ -155,7 +155,7 @@ def test_a_bad_checkpoint_fails_on_one_line(tmp_path, digit_pngs, capsys):
 def test_command_line_json_in_a_real_process(tmp_path, digit_pngs, trained_checkpoint, flax_test_logits):
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-m", "mnist_flax.predict", str(trained_checkpoint),
                            digit_pngs[0], str(text), digit_pngs[1], "--json"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
