@@ -15,3 +15,7 @@ class DataError(MnistFlaxError):
 
 class CheckpointError(MnistFlaxError):
     """A checkpoint or weights file is missing, corrupt, or does not fit the model."""
+
+
+class ImageError(MnistFlaxError):
+    """An input image cannot be read, or holds no digit."""
