@@ -61,13 +61,13 @@ def find_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def require_sidecar(path: Path) -> dict:
-    """The sidecar's metadata; every part of the report is drawn from it."""
-    sidecar = checkpoint.read_sidecar(path)
+def load_run(path: Path) -> tuple[dict, dict]:
+    """(variables, sidecar) of a checkpoint; the report needs the sidecar, most of it is drawn from there."""
+    variables, sidecar = checkpoint.load_checkpoint(path)
     if sidecar is None:
         raise CheckpointError(f"{path}: no sidecar {checkpoint.sidecar_path(path).name} beside it; the report "
                               "needs the metadata the training run wrote there")
-    return sidecar
+    return variables, sidecar
 
 
 def note(message: str) -> None:
@@ -212,9 +212,7 @@ def write_plots(checkpoint_path: str | Path, data=None, output_dir: str | Path |
     `output_dir` is given. A run without metrics.jsonl gets no training curves.
     """
     path = Path(checkpoint_path)
-    variables, sidecar = checkpoint.load_checkpoint(path)
-    if sidecar is None:
-        require_sidecar(path)
+    variables, sidecar = load_run(path)
     out = Path(output_dir) if output_dir is not None else path.parent
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -274,9 +272,7 @@ def table(header: Sequence[str], rows: Sequence[Sequence], align: str = "") -> l
 def markdown_summary(checkpoint_path: str | Path) -> str:
     """Markdown for a GitHub job summary, from the checkpoint, its sidecar and the plots beside it."""
     path = Path(checkpoint_path)
-    variables, sidecar = checkpoint.load_checkpoint(path)
-    if sidecar is None:
-        require_sidecar(path)
+    variables, sidecar = load_run(path)
     matrix = np.array(sidecar["confusion_matrix"]) if "confusion_matrix" in sidecar else None
     test = percent(sidecar.get("test_accuracy"))
     if matrix is not None:
@@ -291,7 +287,7 @@ def markdown_summary(checkpoint_path: str | Path) -> str:
         ["test accuracy", f"**{test}**"],
         ["train accuracy", f"{percent(sidecar.get('train_accuracy'))} (running, last epoch)"],
         ["train loss", "n/a" if loss is None else f"{loss:.4f}"],
-        ["parameters", f"{sidecar.get('params', 0):,}"],
+        ["parameters", f"{sidecar['params']:,}" if "params" in sidecar else "n/a"],
         ["epoch time", ", ".join(f"{s:.1f} s" for s in epoch_seconds) or "n/a"],
         ["recipe", sidecar.get("recipe", "n/a")],
         ["seed", sidecar.get("seed", "n/a")],
@@ -303,9 +299,9 @@ def markdown_summary(checkpoint_path: str | Path) -> str:
         ["sha256", f"`{sidecar['sha256']}`" if "sha256" in sidecar else "n/a"],
     ])
 
-    rows = [[name, "×".join(map(str, shape)) or "scalar", f"{count:,}"]
-            for name, shape, count in parameter_table(variables["params"])]
-    rows.append(["**total**", "", f"**{sum(c for _, _, c in parameter_table(variables['params'])):,}**"])
+    params = parameter_table(variables["params"])
+    rows = [[name, "×".join(map(str, shape)), f"{count:,}"] for name, shape, count in params]
+    rows.append(["**total**", "", f"**{sum(count for _, _, count in params):,}**"])
     # Collapsed: 21 rows would push the per-digit table off the first screen.
     lines += ["", "<details><summary>Parameters, layer by layer</summary>", ""]
     lines += table(["layer/param", "shape", "count"], rows, "llr")
@@ -325,7 +321,7 @@ def markdown_summary(checkpoint_path: str | Path) -> str:
             rows.append(row)
         header = ["digit", "accuracy"] + (["test images", "wrong", "most often taken for"] if matrix is not None
                                           else [])
-        lines += table(header, rows, "rr" + "rrr"[: len(header) - 2])
+        lines += table(header, rows, "r" * len(header))
 
     present = [name for name in PLOT_FILES if (path.parent / name).is_file()]
     lines += ["", "### Plots", ""]
@@ -359,8 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.markdown:
         sys.stdout.write(markdown_summary(path))
         return 0
-    checkpoint.load_checkpoint(path)  # fail on a bad checkpoint before MNIST is loaded
-    require_sidecar(path)
+    load_run(path)  # fail on a bad checkpoint before MNIST is loaded
     from mnist_flax.data import load_mnist
     data = load_mnist(data_dir=args.data_dir, manual_dir=args.manual_dir)
     for written in write_plots(path, data=data, output_dir=args.output_dir):
