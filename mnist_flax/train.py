@@ -218,15 +218,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = checkpoint.save_checkpoint(output_dir, variables, metadata)
     resume.remove_resume_state(output_dir)  # the run is complete: nothing left to resume
     remove_stale_temporaries(output_dir)  # left by a writer killed mid-write in an earlier run
-    if not args.no_plots:
-        from mnist_flax import report  # matplotlib is slow to import: only when used
-        report.write_plots(path, data=data)
     print(format_parameter_table(variables["params"]))
     print(f"parameters:     {metadata['params']:,}")
     print(f"epoch time:     {', '.join(f'{s:.1f} s' for s in result['epoch_seconds'])}")
     print(f"train accuracy: {100 * metadata['train_accuracy']:.2f}% (running, last epoch)")
     print(f"test accuracy:  {100 * metadata['test_accuracy']:.2f}% ({test['correct']:,}/{test['count']:,})")
     print(f"checkpoint:     {path}")
+    if not args.no_plots:  # after the summary, so a plotting failure cannot hide it
+        from mnist_flax import report  # matplotlib is slow to import: only when used
+        plots = report.write_plots(path, data=data)
+        print(f"plots:          {', '.join(p.name for p in plots)}")
     return 0
 
 

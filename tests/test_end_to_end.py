@@ -37,6 +37,10 @@ def test_one_epoch_trains_saves_and_evaluates(tmp_path, mnist_manual_dir, mnist_
     assert f"test accuracy:  {100 * meta['test_accuracy']:.2f}%" in train.stdout
     assert "train accuracy:" in train.stdout and "epoch time:" in train.stdout
     assert re.search(r"^total\s+8,954$", train.stdout, re.M)
+    # The report's plots, drawn at the end of training, beside the checkpoint.
+    plots = {"training_curves.png", "per_class_accuracy.png", "confusion_matrix.png", "misclassified.png"}
+    assert {p.name for p in out.glob("*.png")} == plots
+    assert re.search(r"^plots:\s+\S", train.stdout, re.M)
 
     evaluate = run_module("mnist_flax.evaluate", checkpoints[0], "--data-dir", mnist_data_dir,
                           "--manual-dir", mnist_manual_dir)

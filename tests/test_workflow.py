@@ -45,3 +45,8 @@ def test_model_artifact_is_uploaded_for_90_days():
     assert "retention-days: 90" in text
     assert "python -m mnist_flax.train" in text
     assert "python -m pytest" in text
+
+
+def test_job_summary_has_the_report():
+    text = "\n".join(p.read_text() for p in WORKFLOWS)
+    assert 'python -m mnist_flax.report artifacts --markdown >> "$GITHUB_STEP_SUMMARY"' in text
