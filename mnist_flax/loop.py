@@ -67,17 +67,19 @@ def run_epochs(
     on_step: Callable[[StepReport], None] = lambda report: None,
     on_epoch_end: Callable[[int, dict], None] = lambda epoch, metrics: None,
     should_pause: Callable[[training.TrainState, Position], bool] = lambda state, position: False,
+    shard_batch: Callable[[training.Batch], training.Batch] = lambda batch: batch,
 ) -> tuple[training.TrainState, Position, bool]:
     """Runs from `position` to the end of `epochs`; returns (state, position, finished).
 
     After each step `should_pause(state, position)` may save and return True to
     stop early (finished False): the caller saves, the loop stays pure of I/O.
+    `shard_batch` places each host batch on the devices (see devices.py).
     """
     for epoch in range(position.epoch, epochs):
         order, mask = training.epoch_order(data_key, epoch, len(images), batch_size)
         for b in range(position.batch, len(order)):
             start = time.perf_counter()
-            batch = training.Batch(images[order[b]], labels[order[b]], mask[b])
+            batch = shard_batch(training.Batch(images[order[b]], labels[order[b]], mask[b]))
             new_state, metrics = step_fn(state, batch)
             loss_sum, correct, count = (float(v) for v in jax.device_get(
                 (metrics["loss_sum"], metrics["correct"], metrics["count"])))

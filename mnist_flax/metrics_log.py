@@ -33,7 +33,10 @@ def read_metrics(path: str | Path) -> list[dict]:
 class MetricsLog:
     """Appends step records to <output_dir>/metrics.jsonl; keeps earlier steps on resume."""
 
-    def __init__(self, output_dir: str | Path, keep_until_step: int = 0):
+    def __init__(self, output_dir: str | Path | None, keep_until_step: int = 0):
+        if output_dir is None:  # a process that does not write (not the primary host)
+            self.file = None
+            return
         self.path = Path(output_dir) / METRICS_FILE
         kept = [r for r in read_metrics(self.path) if r["step"] <= keep_until_step]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
@@ -41,6 +44,8 @@ class MetricsLog:
         self.pending = 0
 
     def write(self, **record) -> None:
+        if self.file is None:
+            return
         self.file.write(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()}) + "\n")
         self.pending += 1
         if self.pending >= FLUSH_EVERY:
@@ -48,4 +53,5 @@ class MetricsLog:
             self.pending = 0
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()

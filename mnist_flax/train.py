@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 from tqdm import tqdm
 
-from mnist_flax import checkpoint, cli, loop, metrics_log, resume, training
+from mnist_flax import checkpoint, cli, devices, loop, metrics_log, resume, training
 from mnist_flax.atomic import remove_stale_temporaries
 from mnist_flax.config import RECIPES, TrainConfig
 from mnist_flax.data import load_mnist
@@ -27,6 +27,8 @@ from mnist_flax.errors import MnistFlaxError
 from mnist_flax.model import count_params, format_parameter_table
 
 PROGRESS_EVERY = 10  # steps between progress-bar refreshes
+# Devices per backend when --devices is not given (0: all). See docs/performance.md for CPU's.
+DEFAULT_DEVICES = {"cpu": 1}
 EXIT_SIGNAL_BASE = 128  # shell convention: killed by signal N exits 128 + N
 
 
@@ -49,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="also save the resume state every N steps (0: only when interrupted)")
     p.add_argument("--resume", metavar="DIR_OR_FILE", help="continue an interrupted run from its resume state")
+    p.add_argument("--devices", type=int, default=0, metavar="N",
+                   help="split each batch over N devices (on CPU: N host devices sharing the cores); "
+                        "default: 1 on CPU, all GPUs/TPUs otherwise")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host: call jax.distributed.initialize() (one process per host)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG report at the end")
     cli.add_debug_flag(p)
@@ -67,6 +74,8 @@ def parse_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    if args.devices < 0:
+        raise cli.UsageError(f"--devices must be >= 0, got {args.devices}")
     if args.checkpoint_every < 0:
         raise cli.UsageError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     if args.resume:
@@ -129,9 +138,13 @@ def train(args, config: TrainConfig | None, data, stop: "StopRequest") -> dict:
     if config.train_examples:
         data = data._replace(train_images=data.train_images[:config.train_examples],
                              train_labels=data.train_labels[:config.train_examples])
+    mesh = devices.make_mesh(args.devices or DEFAULT_DEVICES.get(jax.default_backend(), 0))
+    devices.check_batch_size(config.batch_size, mesh)
+    state = devices.replicate(state, mesh)
+    primary = jax.process_index() == 0  # on many hosts, one process writes the files
     steps_per_epoch = config.steps_per_epoch()
     schedule = training.learning_rate_schedule(config)
-    log = metrics_log.MetricsLog(output_dir, keep_until_step=int(state.step))
+    log = metrics_log.MetricsLog(output_dir if primary else None, keep_until_step=int(state.step))
     print(f"training from step {int(state.step)} of {steps_per_epoch * config.epochs}", file=sys.stderr, flush=True)
     bar = tqdm(total=steps_per_epoch * config.epochs, initial=int(state.step), unit="step",
                disable=args.no_progress, dynamic_ncols=True)
@@ -153,22 +166,24 @@ def train(args, config: TrainConfig | None, data, stop: "StopRequest") -> dict:
 
     def should_pause(state, position):
         every = args.checkpoint_every and int(state.step) % args.checkpoint_every == 0
-        if stop.signal is not None or every:
+        if (stop.signal is not None or every) and primary:
             resume.save_resume_state(output_dir, state, position, config)
         return stop.signal is not None
 
     try:
         state, position, finished = loop.run_epochs(
             state, data.train_images, data.train_labels, data_key(config), config.epochs, config.batch_size,
-            position, on_step=on_step, on_epoch_end=on_epoch_end, should_pause=should_pause)
+            position, on_step=on_step, on_epoch_end=on_epoch_end, should_pause=should_pause,
+            shard_batch=devices.batch_sharder(mesh))
     except loop.NonFiniteLoss as e:
-        resume.save_resume_state(output_dir, e.state, e.position, config)
+        if primary:
+            resume.save_resume_state(output_dir, e.state, e.position, config)
         raise MnistFlaxError(f"{e} The last good state (before step {e.step}) is in "
                              f"{resume.resume_path(output_dir)}.") from None
     finally:
         bar.close()
         log.close()
-    return {"state": state, "position": position, "finished": finished, "config": config,
+    return {"state": state, "position": position, "finished": finished, "config": config, "mesh": mesh,
             "output_dir": output_dir, "stop_signal": stop.signal, "epoch_seconds": epoch_seconds,
             "train": epoch_metrics or position.epoch_metrics()}
 
@@ -197,6 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the interpreter, and a signal during training must let the current step finish.
     stop = StopRequest()
     stop.install()
+    devices.configure_host_devices(args.devices)
+    if args.distributed:
+        devices.initialize_distributed()
     config = None if args.resume else parse_config(args)
     if not args.resume:
         prepare_output_dir(args.output_dir or "artifacts")
@@ -212,9 +230,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"  python -m mnist_flax.train --resume {output_dir}", file=sys.stderr)
         return EXIT_SIGNAL_BASE + (result["stop_signal"] or signal.SIGINT)
 
-    variables = training.model_variables(result["state"])
+    variables = jax.device_get(training.model_variables(result["state"]))
     test = training.evaluate(variables, data.test_images, data.test_labels)
     metadata = run_metadata(config, result, test)
+    if jax.process_index() != 0:
+        return 0  # the primary process saves and reports
     path = checkpoint.save_checkpoint(output_dir, variables, metadata)
     resume.remove_resume_state(output_dir)  # the run is complete: nothing left to resume
     remove_stale_temporaries(output_dir)  # left by a writer killed mid-write in an earlier run

@@ -1,0 +1,68 @@
+"""Data parallelism: each batch split over devices on a 1-D mesh, parameters replicated.
+
+The same code runs on one CPU, on several CPU "host devices" (XLA splits the
+machine's cores between them), on GPUs or TPUs, and across hosts after
+`jax.distributed.initialize()`. The step is the ordinary `train_step`; the
+shardings tell XLA where the data lives, and it inserts the all-reduces, so
+BatchNorm statistics and the loss are still over the whole batch.
+"""
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mnist_flax import training
+from mnist_flax.errors import MnistFlaxError
+
+BATCH_AXIS = "batch"
+
+
+def configure_host_devices(count: int) -> None:
+    """On CPU, run as `count` host devices (0: leave JAX's default). Call before JAX first computes."""
+    if count > 1:
+        try:
+            jax.config.update("jax_num_cpu_devices", count)
+        except RuntimeError as e:  # JAX already started its backends; too late to split the CPU
+            raise MnistFlaxError(f"cannot set {count} CPU devices now: {e}") from None
+
+
+def initialize_distributed() -> None:
+    """Joins a multi-host run: one process per host, coordinates from the environment."""
+    jax.distributed.initialize()
+
+
+def make_mesh(count: int = 0) -> Mesh:
+    """A mesh over the first `count` devices (0: all of them)."""
+    available = jax.devices()
+    count = count or len(available)
+    if count > len(available):
+        raise MnistFlaxError(f"--devices {count} asked for, but JAX sees {len(available)} "
+                             f"({jax.default_backend()}); on CPU set it before anything else runs")
+    return Mesh(np.array(available[:count]), (BATCH_AXIS,))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+    if batch_size % mesh.size:
+        raise MnistFlaxError(f"batch size {batch_size} does not split evenly over {mesh.size} devices; "
+                             "choose --devices that divides it")
+
+
+def replicate(tree, mesh: Mesh):
+    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def batch_sharder(mesh: Mesh):
+    """Host batch -> global arrays split along the batch axis (this process's part, on many hosts)."""
+    sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
+    if mesh.size == 1 and jax.process_count() == 1:
+        return lambda batch: batch  # one device: plain arrays, the same program as without a mesh
+
+    def shard(batch: training.Batch) -> training.Batch:
+        rows = len(batch.labels)
+        per_process = rows // jax.process_count()
+        local = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+        return jax.tree.map(
+            lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)[local], (rows, *x.shape[1:])),
+            batch)
+
+    return shard

@@ -1,0 +1,40 @@
+"""Helper for test_devices.py: a few train steps on N host devices, results saved as .npz.
+
+Run as a subprocess because the number of CPU devices is fixed when JAX starts.
+"""
+
+import sys
+
+import jax
+import numpy as np
+
+from mnist_flax import devices, training
+from mnist_flax.config import TrainConfig
+
+STEPS = 4
+
+
+def main(count: int, out: str) -> None:
+    devices.configure_host_devices(count)
+    mesh = devices.make_mesh(count)
+    assert mesh.size == count, (mesh.size, count)
+    shard = devices.batch_sharder(mesh)
+    state = devices.replicate(training.create_train_state(jax.random.key(0), TrainConfig()), mesh)
+    rng = np.random.default_rng(0)
+    losses = []
+    for i in range(STEPS):
+        real = 128 if i < STEPS - 1 else 96  # the last one is a padded epoch-end batch
+        batch = training.Batch(rng.integers(0, 256, (128, 28, 28, 1), dtype=np.uint8),
+                               rng.integers(0, 10, 128).astype(np.int32), np.arange(128) < real)
+        state, metrics = training.jit_train_step(state, shard(batch))
+        losses.append(float(metrics["loss_sum"] / metrics["count"]))
+    probe = rng.integers(0, 256, (64, 28, 28, 1), dtype=np.uint8)
+    variables = jax.device_get(training.model_variables(state))
+    flat = {"/".join(str(k.key) for k in path): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]}
+    np.savez(out, losses=np.array(losses), eval_probs=training.predict_probabilities(variables, probe),
+             **{f"var:{k}": v for k, v in flat.items()})
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), sys.argv[2])

@@ -1,0 +1,54 @@
+"""Data-parallel training over 1, 2 and 8 host devices computes what one device does."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mnist_flax import devices
+from mnist_flax.errors import MnistFlaxError
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_on(count: int, tmp_path: Path) -> dict:
+    out = tmp_path / f"devices{count}.npz"
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    result = subprocess.run([sys.executable, str(HERE / "device_run.py"), str(count), str(out)],
+                            cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return dict(np.load(out))
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+    return run_on(1, tmp_path_factory.mktemp("one"))
+
+
+def follows_conv_bias(name: str) -> bool:
+    """Conv biases, and the BatchNorm running means that track them (see below)."""
+    return (name.startswith("var:params/conv") and name.endswith("/bias")) or name.endswith("/mean")
+
+
+@pytest.mark.parametrize("count", [2, 8])
+def test_same_results_as_one_device(tmp_path, one_device, count):
+    many = run_on(count, tmp_path)
+    # Losses of every step, including a padded last batch: BatchNorm saw the whole batch.
+    np.testing.assert_allclose(many["losses"], one_device["losses"], rtol=1e-5)
+    for name, value in one_device.items():
+        if name.startswith("var:") and not follows_conv_bias(name):
+            np.testing.assert_allclose(many[name], value, atol=1e-3, rtol=1e-3, err_msg=name)
+    # A conv bias feeding BatchNorm has no effect on the loss, so its gradient is rounding
+    # noise that Adam scales up to learning-rate-sized steps (as in PyTorch). The running
+    # mean absorbs the bias, so eval-mode predictions still agree:
+    np.testing.assert_allclose(many["eval_probs"], one_device["eval_probs"], atol=2e-3)
+
+
+def test_batch_must_split_evenly():
+    mesh = devices.make_mesh(1)
+    devices.check_batch_size(128, mesh)
+    with pytest.raises(MnistFlaxError, match="more devices|asked for"):
+        devices.make_mesh(10_000)
