@@ -203,8 +203,9 @@ def safetensors_from_bytes(data: bytes, source: str) -> tuple[dict[str, np.ndarr
                               f"only {len(data) - 8:,} follow")
     try:
         header = json.loads(data[8:8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{source}: safetensors header is not JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, a 5000-digit number; [[[[...
+        raise CheckpointError(
+            f"{source}: safetensors header is not JSON ({type(e).__name__}: {e})"[:300]) from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{source}: safetensors header is not a JSON object")
     for key, info in header.items():
@@ -224,14 +225,28 @@ def npz_from_bytes(data: bytes, source: str) -> dict[str, np.ndarray]:
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             unpacked = sum(info.file_size for info in zf.infolist())
-        if unpacked > MAX_FILE_BYTES:  # a compressed npz can expand without bound
-            raise CheckpointError(f"{source}: npz unpacks to {unpacked:,} bytes; too large for SeedNet")
+            # np.load allocates the shape an .npy header declares before reading any data.
+            declared = sum(_npy_nbytes(zf, info) for info in zf.infolist() if info.filename.endswith(".npy"))
+        if max(unpacked, declared) > MAX_FILE_BYTES:  # a compressed npz can expand without bound
+            raise CheckpointError(f"{source}: npz unpacks to {max(unpacked, declared):,} bytes; "
+                                  "too large for SeedNet")
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             return {name: npz[name] for name in npz.files}
     except CheckpointError:
         raise
     except Exception as e:  # BadZipFile, ValueError (pickled object arrays), EOFError, ...
         raise CheckpointError(f"{source}: unreadable npz ({type(e).__name__}: {e})"[:300]) from None
+
+
+def _npy_nbytes(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> int:
+    """The size an .npy member's header declares, read from the header alone."""
+    with zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"{info.filename}: unsupported .npy format version {version}")
+        fmt = np.lib.format
+        shape, _, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
+    return math.prod(shape) * dtype.itemsize
 
 
 def export_checkpoint(path: str | Path, fmt: str, output: str | Path | None = None) -> tuple[Path, int, str]:
