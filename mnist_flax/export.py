@@ -210,8 +210,8 @@ def safetensors_from_bytes(data: bytes, source: str) -> tuple[dict[str, np.ndarr
         raise CheckpointError(f"{source}: safetensors header is not a JSON object")
     for key, info in header.items():
         dtype = info.get("dtype") if isinstance(info, dict) else None
-        if key != "__metadata__" and dtype not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{source}: {key} has dtype {dtype}; the model needs "
+        if key != "__metadata__" and not (isinstance(dtype, str) and dtype in SAFETENSORS_DTYPES):
+            raise CheckpointError(f"{source}: {key!r:.60} has dtype {dtype!r:.40}; the model needs "
                                   f"F32 weights (and I64 num_batches_tracked)")
     metadata = header.get("__metadata__") or {}
     try:
@@ -226,7 +226,7 @@ def npz_from_bytes(data: bytes, source: str) -> dict[str, np.ndarray]:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             unpacked = sum(info.file_size for info in zf.infolist())
             # np.load allocates the shape an .npy header declares before reading any data.
-            declared = sum(_npy_nbytes(zf, info) for info in zf.infolist() if info.filename.endswith(".npy"))
+            declared = sum(_npy_nbytes(zf, info) for info in zf.infolist())
         if max(unpacked, declared) > MAX_FILE_BYTES:  # a compressed npz can expand without bound
             raise CheckpointError(f"{source}: npz unpacks to {max(unpacked, declared):,} bytes; "
                                   "too large for SeedNet")
@@ -239,12 +239,18 @@ def npz_from_bytes(data: bytes, source: str) -> dict[str, np.ndarray]:
 
 
 def _npy_nbytes(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> int:
-    """The size an .npy member's header declares, read from the header alone."""
+    """The size an .npy member's header declares, read from the header alone.
+
+    np.load reads any member that starts with the .npy magic as an array, whatever its name.
+    """
+    fmt = np.lib.format
     with zf.open(info) as f:
-        version = np.lib.format.read_magic(f)
+        magic = f.read(len(fmt.MAGIC_PREFIX) + 2)
+        if not magic.startswith(fmt.MAGIC_PREFIX):
+            return 0  # np.load returns it as bytes, no more than the zip's own size check allows
+        version = tuple(magic[-2:])
         if version not in ((1, 0), (2, 0)):
             raise ValueError(f"{info.filename}: unsupported .npy format version {version}")
-        fmt = np.lib.format
         shape, _, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
     return math.prod(shape) * dtype.itemsize
 
