@@ -22,7 +22,6 @@ opened with allow_pickle=False. Every file is checked key by key, shape by shape
 before anything of it is used.
 """
 
-import argparse
 import datetime as dt
 import io
 import json
@@ -328,7 +327,7 @@ def _float_or_none(text) -> float | None:
 # --- command line ------------------------------------------------------------------
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mnist_flax.export", description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(prog="python -m mnist_flax.export", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", nargs="?", help="a .msgpack written by mnist_flax.train")
     p.add_argument("--format", choices=sorted(FORMATS), default=None,
                    help="default: from -o's suffix, else safetensors")

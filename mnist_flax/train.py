@@ -31,7 +31,7 @@ EXIT_SIGNAL_BASE = 128  # shell convention: killed by signal N exits 128 + N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mnist_flax.train", description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(prog="python -m mnist_flax.train", description=__doc__.splitlines()[0])
     # Run settings default to None so that --resume can tell which were given.
     p.add_argument("--epochs", type=int, help=f"default {TrainConfig.epochs}")
     p.add_argument("--batch-size", type=int, help=f"default {TrainConfig.batch_size}")
