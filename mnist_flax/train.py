@@ -200,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = None if args.resume else parse_config(args)
     if not args.resume:
         prepare_output_dir(args.output_dir or "artifacts")
+    else:
+        resume.load_resume_state(args.resume)  # a bad resume file fails before MNIST is loaded
     data = load_mnist(data_dir=args.data_dir, manual_dir=args.manual_dir)
     if stop.signal is not None:
         print("interrupted before training started; nothing to resume", file=sys.stderr)
