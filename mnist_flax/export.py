@@ -311,7 +311,8 @@ def import_weights(path: str | Path, output: str | Path) -> Path:
 
 def check_output_dir(output: Path) -> None:
     if not output.parent.is_dir():
-        raise cli.UsageError(f"-o {output}: directory {output.parent} does not exist")
+        problem = "is not a directory" if output.parent.exists() else "does not exist"
+        raise cli.UsageError(f"-o {output}: {output.parent} {problem}; create the directory or choose another -o")
     if output.is_dir():
         raise cli.UsageError(f"-o {output} is a directory; give a file name")
 
