@@ -79,6 +79,8 @@ def load_resume_state(dir_or_file: str | Path) -> tuple[training.TrainState, Pos
         raise CheckpointError(f"{path}: no resume state here; it is written to --output-dir when a run "
                               "is interrupted or with --checkpoint-every N")
     data = read_checkpoint_bytes(path)
+    if not data.startswith(b"\x83"):  # a three-entry msgpack map: state, position, config
+        raise CheckpointError(f"{source}: not an mnist_flax resume state (wrong file type?)")
     try:
         raw = serialization.msgpack_restore(data)
     except Exception as e:  # msgpack raises many types on malformed input
