@@ -7,7 +7,6 @@ starts with the prefix, downloads its zip, unpacks it safely and atomically,
 and checks every checkpoint against the sha256 in its sidecar JSON.
 """
 
-import argparse
 import datetime as dt
 import hashlib
 import http.client
@@ -24,7 +23,7 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from mnist_flax.cli import UsageError, add_debug_flag, run_main
+from mnist_flax.cli import ArgumentParser, UsageError, add_debug_flag, run_main
 from mnist_flax.errors import MnistFlaxError
 
 DEFAULT_API = "https://api.github.com"
@@ -257,7 +256,7 @@ def _percent(acc) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mnist_flax.artifact", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m mnist_flax.artifact", description=__doc__.splitlines()[0])
     p.add_argument("repo", help="GitHub repository as OWNER/REPO")
     p.add_argument("--dest", type=Path, help="where to unpack (default artifacts/downloaded/<artifact name>)")
     p.add_argument("--token", help="GitHub token (default: $GITHUB_TOKEN, then $GH_TOKEN)")

@@ -18,6 +18,13 @@ class UsageError(MnistFlaxError):
     """A flag value that parsed but makes no sense (batch size 0, say)."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (no usage block), like run_main's errors."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"mnist_flax: usage error: {message}; see {self.prog} --help\n")
+
+
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 

@@ -25,6 +25,8 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Returns self, or raises ValueError naming the bad field."""
+        if not isinstance(self.seed, int) or not -2**63 <= self.seed < 2**63:  # JAX's PRNG keys take int64
+            raise ValueError(f"seed must be a whole number from -2**63 to 2**63 - 1, got {self.seed!r}")
         if not isinstance(self.epochs, int) or self.epochs < 1:
             raise ValueError(f"epochs must be a whole number >= 1, got {self.epochs!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:

@@ -99,7 +99,7 @@ def read_source(path: Path) -> bytes:
         raise DataError(f"cannot read {path}: {e}; replace it with the original MNIST file.") from e
 
 
-def find_manual_file(manual_dir: Path, name: str) -> Path:
+def find_manual_file(manual_dir: Path, name: str, sha256: str = "") -> Path:
     if not manual_dir.is_dir():
         raise DataError(
             f"MNIST manual directory {manual_dir} does not exist or is not a directory; it should "
@@ -109,8 +109,10 @@ def find_manual_file(manual_dir: Path, name: str) -> Path:
         if candidate.is_file():
             return candidate
     raise DataError(
-        f"MNIST manual directory {manual_dir} has neither {name}.gz nor {name}; it should hold "
-        f"{', '.join(FILE_NAMES)} (each may be gzipped, with .gz)."
+        f"MNIST manual directory {manual_dir} has neither {name}.gz nor {name}"
+        f"{f' (sha256 of the decompressed file: {sha256})' if sha256 else ''}; download {name}.gz from "
+        f"an MNIST mirror such as {MNIST_MIRRORS[0]} into it. It should hold {', '.join(FILE_NAMES)} "
+        f"(each may be gzipped, with .gz)."
     )
 
 
@@ -195,7 +197,7 @@ class MnistIdx(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _load_file(self, name: str, dims: tuple[int, ...], dl_manager) -> np.ndarray:
         if self._manual_dir is not None:
-            path = find_manual_file(self._manual_dir, name)
+            path = find_manual_file(self._manual_dir, name, self.EXPECTED_SHA256[name])
         else:
             path = download(name, self.MIRRORS, Path(dl_manager.download_dir), self.DOWNLOAD_TIMEOUT_S)
         raw = read_source(path)

@@ -3,7 +3,6 @@
     python -m mnist_flax.evaluate CHECKPOINT [--manual-dir DIR] [--data-dir DIR]
 """
 
-import argparse
 import sys
 from collections.abc import Sequence
 
@@ -19,7 +18,7 @@ def evaluate_checkpoint(path: str, data_dir: str | None = None, manual_dir: str 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mnist_flax.evaluate", description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(prog="python -m mnist_flax.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="a .msgpack written by mnist_flax.train")
     p.add_argument("--data-dir", default=None, help="TFDS data directory")
     p.add_argument("--manual-dir", default=None, help="folder with the four MNIST IDX files")

@@ -22,7 +22,6 @@ opened with allow_pickle=False. Every file is checked key by key, shape by shape
 before anything of it is used.
 """
 
-import argparse
 import datetime as dt
 import io
 import json
@@ -203,14 +202,15 @@ def safetensors_from_bytes(data: bytes, source: str) -> tuple[dict[str, np.ndarr
                               f"only {len(data) - 8:,} follow")
     try:
         header = json.loads(data[8:8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{source}: safetensors header is not JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, a 5000-digit number; [[[[...
+        raise CheckpointError(
+            f"{source}: safetensors header is not JSON ({type(e).__name__}: {e})"[:300]) from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{source}: safetensors header is not a JSON object")
     for key, info in header.items():
         dtype = info.get("dtype") if isinstance(info, dict) else None
-        if key != "__metadata__" and dtype not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{source}: {key} has dtype {dtype}; the model needs "
+        if key != "__metadata__" and not (isinstance(dtype, str) and dtype in SAFETENSORS_DTYPES):
+            raise CheckpointError(f"{source}: {key!r:.60} has dtype {dtype!r:.40}; the model needs "
                                   f"F32 weights (and I64 num_batches_tracked)")
     metadata = header.get("__metadata__") or {}
     try:
@@ -224,14 +224,34 @@ def npz_from_bytes(data: bytes, source: str) -> dict[str, np.ndarray]:
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             unpacked = sum(info.file_size for info in zf.infolist())
-        if unpacked > MAX_FILE_BYTES:  # a compressed npz can expand without bound
-            raise CheckpointError(f"{source}: npz unpacks to {unpacked:,} bytes; too large for SeedNet")
+            # np.load allocates the shape an .npy header declares before reading any data.
+            declared = sum(_npy_nbytes(zf, info) for info in zf.infolist())
+        if max(unpacked, declared) > MAX_FILE_BYTES:  # a compressed npz can expand without bound
+            raise CheckpointError(f"{source}: npz unpacks to {max(unpacked, declared):,} bytes; "
+                                  "too large for SeedNet")
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             return {name: npz[name] for name in npz.files}
     except CheckpointError:
         raise
     except Exception as e:  # BadZipFile, ValueError (pickled object arrays), EOFError, ...
         raise CheckpointError(f"{source}: unreadable npz ({type(e).__name__}: {e})"[:300]) from None
+
+
+def _npy_nbytes(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> int:
+    """The size an .npy member's header declares, read from the header alone.
+
+    np.load reads any member that starts with the .npy magic as an array, whatever its name.
+    """
+    fmt = np.lib.format
+    with zf.open(info) as f:
+        magic = f.read(len(fmt.MAGIC_PREFIX) + 2)
+        if not magic.startswith(fmt.MAGIC_PREFIX):
+            return 0  # np.load returns it as bytes, no more than the zip's own size check allows
+        version = tuple(magic[-2:])
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"{info.filename}: unsupported .npy format version {version}")
+        shape, _, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
+    return math.prod(shape) * dtype.itemsize
 
 
 def export_checkpoint(path: str | Path, fmt: str, output: str | Path | None = None) -> tuple[Path, int, str]:
@@ -291,7 +311,8 @@ def import_weights(path: str | Path, output: str | Path) -> Path:
 
 def check_output_dir(output: Path) -> None:
     if not output.parent.is_dir():
-        raise cli.UsageError(f"-o {output}: directory {output.parent} does not exist")
+        problem = "is not a directory" if output.parent.exists() else "does not exist"
+        raise cli.UsageError(f"-o {output}: {output.parent} {problem}; create the directory or choose another -o")
     if output.is_dir():
         raise cli.UsageError(f"-o {output} is a directory; give a file name")
 
@@ -307,7 +328,7 @@ def _float_or_none(text) -> float | None:
 # --- command line ------------------------------------------------------------------
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mnist_flax.export", description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(prog="python -m mnist_flax.export", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", nargs="?", help="a .msgpack written by mnist_flax.train")
     p.add_argument("--format", choices=sorted(FORMATS), default=None,
                    help="default: from -o's suffix, else safetensors")

@@ -23,7 +23,6 @@ read gets one error line on stderr; the others are still classified, and the
 exit status is 1.
 """
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -124,7 +123,7 @@ def prepare(path: str | Path) -> Prepared:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mnist_flax.predict", description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(prog="python -m mnist_flax.predict", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="a .msgpack written by mnist_flax.train (or export --from-torch)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files, one digit each")
     p.add_argument("--json", action="store_true", help="print one JSON list instead of one line per file")

@@ -55,15 +55,20 @@ def _typed_fields(cls, raw, source: str, what: str):
         kind = {"int": int, "float": float, "str": str}.get(kind, kind)
         if kind is str:
             if not isinstance(value, str):
-                raise CheckpointError(f"{source}: {what}.{name} must be text: {value!r}")
+                raise CheckpointError(f"{source}: {what}.{name} must be text: {_brief(value)}")
             values[name] = value
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-            raise CheckpointError(f"{source}: {what}.{name} is not a finite number: {value!r}")
+            raise CheckpointError(f"{source}: {what}.{name} is not a finite number: {_brief(value)}")
         if kind is int and value != int(value):
             raise CheckpointError(f"{source}: {what}.{name} must be a whole number: {value!r}")
         values[name] = kind(value)
     return cls(**values)
+
+
+def _brief(value) -> str:
+    """A value for a one-line message: an array's repr spans lines and can be long."""
+    return " ".join(repr(value).split())[:80]
 
 
 def load_resume_state(dir_or_file: str | Path) -> tuple[training.TrainState, Position, TrainConfig]:
@@ -74,6 +79,8 @@ def load_resume_state(dir_or_file: str | Path) -> tuple[training.TrainState, Pos
         raise CheckpointError(f"{path}: no resume state here; it is written to --output-dir when a run "
                               "is interrupted or with --checkpoint-every N")
     data = read_checkpoint_bytes(path)
+    if not data.startswith(b"\x83"):  # a three-entry msgpack map: state, position, config
+        raise CheckpointError(f"{source}: not an mnist_flax resume state (wrong file type?)")
     try:
         raw = serialization.msgpack_restore(data)
     except Exception as e:  # msgpack raises many types on malformed input

@@ -33,7 +33,7 @@ EXIT_SIGNAL_BASE = 128  # shell convention: killed by signal N exits 128 + N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mnist_flax.train", description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(prog="python -m mnist_flax.train", description=__doc__.splitlines()[0])
     # Run settings default to None so that --resume can tell which were given.
     p.add_argument("--epochs", type=int, help=f"default {TrainConfig.epochs}")
     p.add_argument("--batch-size", type=int, help=f"default {TrainConfig.batch_size}")
@@ -218,6 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = None if args.resume else parse_config(args)
     if not args.resume:
         prepare_output_dir(args.output_dir or "artifacts")
+    else:
+        resume.load_resume_state(args.resume)  # a bad resume file fails before MNIST is loaded
     data = load_mnist(data_dir=args.data_dir, manual_dir=args.manual_dir)
     if stop.signal is not None:
         print("interrupted before training started; nothing to resume", file=sys.stderr)
