@@ -75,7 +75,7 @@ def test_state_dict_has_the_original_keys_shapes_and_dtypes():
     assert all(v.flags.c_contiguous for v in state.values())
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(st.integers(0, 2**32 - 1))
 def test_conversion_round_trip_is_bit_identical(seed):
     variables = random_variables(seed)
