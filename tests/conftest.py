@@ -15,6 +15,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from hypothesis import settings
+
+# CI runs the same hypothesis examples every time; locally they vary and find more.
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 from mnist_flax import checkpoint, data, training
 from mnist_flax.config import TrainConfig
