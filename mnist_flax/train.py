@@ -212,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the interpreter, and a signal during training must let the current step finish.
     stop = StopRequest()
     stop.install()
-    devices.configure_host_devices(args.devices)
+    devices.configure_runtime(args.devices)
     if args.distributed:
         devices.initialize_distributed()
     config = None if args.resume else parse_config(args)

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
+from mnist_flax import fast
 from mnist_flax.config import NUM_CLASSES, TrainConfig
 from mnist_flax.model import SeedNet, init_variables
 
@@ -46,11 +47,15 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
         pct_start=ONECYCLE_WARMUP_FRACTION, final_div_factor=ONECYCLE_FINAL_DIV)
 
 
-def create_train_state(key: jax.Array, config: TrainConfig) -> TrainState:
-    """Fresh model and Adam state for `config`'s optimiser and schedule."""
+def create_train_state(key: jax.Array, config: TrainConfig, apply_fn: Callable = fast.apply) -> TrainState:
+    """Fresh model and Adam state for `config`'s optimiser and schedule.
+
+    `apply_fn` computes the forward pass in training: `fast.apply` by default, the same
+    math as the linen module `SeedNet().apply` expressed for speed (tests/test_fast.py).
+    """
     variables = init_variables(key)
     return TrainState.create(
-        apply_fn=SeedNet().apply,
+        apply_fn=apply_fn,
         params=variables["params"],
         batch_stats=variables["batch_stats"],
         tx=optax.adam(learning_rate_schedule(config)),

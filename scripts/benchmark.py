@@ -28,22 +28,24 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (the first one compiles)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--devices", type=int, default=0, help="devices to split each batch over (0: the default)")
+    p.add_argument("--plain", action="store_true", help="the linen module's apply instead of mnist_flax.fast")
     p.add_argument("--manual-dir", default=None, help="folder with the MNIST IDX files")
     p.add_argument("--data-dir", default=None, help="TFDS data directory")
     a = p.parse_args()
-    mnist_devices.configure_host_devices(a.devices)  # before JAX computes anything
+    mnist_devices.configure_runtime(a.devices)  # before JAX computes anything
 
     import jax
-    from mnist_flax import loop, training
+    from mnist_flax import fast, loop, training
     from mnist_flax.config import TrainConfig
     from mnist_flax.data import load_mnist
-    from mnist_flax.model import count_params
+    from mnist_flax.model import SeedNet, count_params
 
     data = load_mnist(data_dir=a.data_dir, manual_dir=a.manual_dir)
     config = TrainConfig(batch_size=a.batch_size)
     mesh = mnist_devices.make_mesh(a.devices or 1)
     init_key, data_key = jax.random.split(jax.random.key(config.seed))
-    state = mnist_devices.replicate(training.create_train_state(init_key, config), mesh)
+    apply_fn = SeedNet().apply if a.plain else fast.apply
+    state = mnist_devices.replicate(training.create_train_state(init_key, config, apply_fn), mesh)
     step_fn = training.jit_train_step
     steps = a.warmup + a.steps
     images, labels = data.train_images, data.train_labels
@@ -67,7 +69,7 @@ def main() -> None:
     eval_seconds = time.perf_counter() - t0
 
     print(json.dumps({
-        "impl": "mnist-flax",
+        "impl": "mnist-flax" + ("-plain" if a.plain else ""),
         "jax": jax.__version__,
         "devices": len(mesh.devices.flat),
         "backend": jax.default_backend(),

@@ -15,7 +15,7 @@ STEPS = 4
 
 
 def main(count: int, out: str) -> None:
-    devices.configure_host_devices(count)
+    devices.configure_runtime(count)
     mesh = devices.make_mesh(count)
     assert mesh.size == count, (mesh.size, count)
     shard = devices.batch_sharder(mesh)

@@ -1,0 +1,88 @@
+"""The fast training path computes the same step as the plain linen module."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mnist_flax import fast, training
+from mnist_flax.config import TrainConfig
+from mnist_flax.model import SeedNet
+
+STEPS = 3
+
+
+def conv_bias(path: str) -> bool:
+    # A conv bias feeds BatchNorm, which subtracts the batch mean: its gradient is exactly zero
+    # in exact arithmetic and rounding noise in any float32 implementation (PyTorch's too).
+    return path.startswith("conv") and path.endswith("bias")
+
+
+def flat(tree) -> dict:
+    return {"/".join(str(k.key) for k in p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def batches(count, real_last=97):
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        real = 128 if i < count - 1 else real_last
+        yield training.Batch(rng.integers(0, 256, (128, 28, 28, 1), dtype=np.uint8),
+                             rng.integers(0, 10, 128).astype(np.int32), np.arange(128) < real)
+
+
+@pytest.fixture(scope="module")
+def initial():
+    return training.create_train_state(jax.random.key(0), TrainConfig())
+
+
+def gradients(state, apply_fn, batch):
+    state = state.replace(apply_fn=apply_fn)
+    grad_fn = jax.jit(jax.value_and_grad(training.loss_and_updates, has_aux=True))
+    (loss, (logits, stats)), grads = grad_fn(state.params, state, batch)
+    return loss, logits, stats, grads
+
+
+@pytest.mark.parametrize("real", [128, 97])
+def test_one_step_gradients_match(initial, real):
+    batch = next(batches(1, real_last=real))
+    plain = gradients(initial, SeedNet().apply, batch)
+    quick = gradients(initial, fast.apply, batch)
+    np.testing.assert_allclose(quick[0], plain[0], rtol=1e-6)
+    np.testing.assert_allclose(quick[1][:real], plain[1][:real], rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(quick[2], plain[2], rtol=1e-5, atol=1e-6)
+    for path, g in flat(plain[3]).items():
+        scale = np.abs(g).max() if not conv_bias(path) else np.abs(flat(plain[3])[path[:-4] + "kernel"]).max()
+        np.testing.assert_allclose(flat(quick[3])[path], g, atol=2e-5 * scale, err_msg=path)
+
+
+def test_eval_mode_matches(initial):
+    variables = training.model_variables(initial)
+    variables = {**variables, "batch_stats": jax.tree.map(lambda v: v + 0.3, variables["batch_stats"])}
+    images = next(batches(1)).images
+    np.testing.assert_allclose(fast.apply(variables, images, train=False),
+                               SeedNet().apply(variables, images, train=False), rtol=1e-5, atol=1e-5)
+
+
+def test_a_few_adam_steps_match(initial):
+    plain, quick = initial.replace(apply_fn=SeedNet().apply), initial.replace(apply_fn=fast.apply)
+    step = jax.jit(training.train_step)
+    for batch in batches(STEPS):
+        plain, m_plain = step(plain, batch)
+        quick, m_quick = step(quick, batch)
+        np.testing.assert_allclose(m_quick["loss_sum"], m_plain["loss_sum"], rtol=1e-5)
+    for path, value in flat(plain.params).items():
+        if not conv_bias(path):
+            np.testing.assert_allclose(flat(quick.params)[path], value, atol=1e-4, err_msg=path)
+    for path, value in flat(plain.batch_stats).items():
+        if path.endswith("var"):  # running means absorb the conv-bias noise; variances do not
+            np.testing.assert_allclose(flat(quick.batch_stats)[path], value, rtol=1e-4, err_msg=path)
+
+
+def test_fast_path_is_the_training_default(initial):
+    assert initial.apply_fn is fast.apply
+
+
+def test_fast_apply_validates_input(initial):
+    with pytest.raises(ValueError, match=r"\(N, 28, 28, 1\)"):
+        fast.apply(training.model_variables(initial), jnp.zeros((2, 28, 28)), train=False)
