@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import struct
 from flax.training import train_state
 
 from mnist_flax import fast
@@ -23,6 +24,7 @@ class TrainState(train_state.TrainState):
     """Params, optimiser state and step, plus BatchNorm's running statistics."""
 
     batch_stats: Any
+    label_smoothing: float = struct.field(pytree_node=False, default=0.0)
 
 
 class Batch(NamedTuple):
@@ -33,9 +35,14 @@ class Batch(NamedTuple):
 
 # The one-cycle recipe: warm up to PEAK_FACTOR x the learning rate over the first
 # WARMUP_FRACTION of the run, then anneal (cosine) to nearly zero by its last step.
-ONECYCLE_PEAK_FACTOR = 1.0
-ONECYCLE_WARMUP_FRACTION = 0.2
+# It also smooths the labels (10% of the target spread over all classes), which keeps
+# the last layer from chasing overconfident logits in the high-rate phase. Per-seed
+# test accuracies are in the README; the values were chosen on seed 0..2 runs, with
+# nothing but the training set involved in training.
+ONECYCLE_PEAK_FACTOR = 4.0
+ONECYCLE_WARMUP_FRACTION = 0.25
 ONECYCLE_FINAL_DIV = 1e3
+ONECYCLE_LABEL_SMOOTHING = 0.1
 
 
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
@@ -59,6 +66,7 @@ def create_train_state(key: jax.Array, config: TrainConfig, apply_fn: Callable =
         params=variables["params"],
         batch_stats=variables["batch_stats"],
         tx=optax.adam(learning_rate_schedule(config)),
+        label_smoothing=ONECYCLE_LABEL_SMOOTHING if config.recipe == "onecycle" else 0.0,
     ).replace(step=jnp.zeros((), jnp.int32))  # an array from the start, so its type never changes
 
 
@@ -73,7 +81,11 @@ def loss_and_updates(params, state: TrainState, batch: Batch):
         {"params": params, "batch_stats": state.batch_stats},
         batch.images, train=True, mask=batch.mask, mutable=["batch_stats"],
     )
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch.labels)
+    if state.label_smoothing:
+        targets = optax.smooth_labels(jax.nn.one_hot(batch.labels, logits.shape[-1]), state.label_smoothing)
+        losses = optax.softmax_cross_entropy(logits, targets)
+    else:
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch.labels)
     return masked_mean(losses, batch.mask), (logits, updates["batch_stats"])
 
 
