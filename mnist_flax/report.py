@@ -169,7 +169,8 @@ def plot_per_class_accuracy(sidecar: dict, path: Path) -> Path:
     # Every digit is near 100%: bars from 0 would all look equal, so the axis starts
     # a little below the worst digit, and the label says so.
     floor = max(0.0, np.floor(min(accuracy.min(), overall) - 1))
-    ax.set_ylim(floor, 100.9)
+    ax.set_ylim(floor, 100.9)  # room above 100 for the bars' labels; no tick there
+    ax.set_yticks([t for t in ax.get_yticks() if floor <= t <= 100])
     ax.set_xticks(range(NUM_CLASSES))
     ax.set_xlabel("digit")
     ax.set_ylabel(f"test accuracy (%); axis starts at {floor:g}")
@@ -238,7 +239,8 @@ def write_plots(checkpoint_path: str | Path, data=None, output_dir: str | Path |
 def check_metrics_match(records: list[dict], sidecar: dict) -> None:
     """Warns when metrics.jsonl cannot be this checkpoint's: a later run in the same directory rewrote it."""
     try:
-        config = TrainConfig(epochs=sidecar["epochs"], batch_size=sidecar["batch_size"])
+        config = TrainConfig(epochs=sidecar["epochs"], batch_size=sidecar["batch_size"],
+                             train_examples=sidecar.get("train_examples", 0))
         expected = config.epochs * config.steps_per_epoch()
     except (KeyError, TypeError):
         return
@@ -258,6 +260,8 @@ def run_description(sidecar: dict) -> str:
     parts = [f"recipe {sidecar.get('recipe', '?')}", f"seed {sidecar.get('seed', '?')}",
              f"epochs {sidecar.get('epochs', '?')}", f"batch {sidecar.get('batch_size', '?')}",
              f"lr {sidecar.get('learning_rate', '?')}"]
+    if sidecar.get("peak_learning_rate", sidecar.get("learning_rate")) != sidecar.get("learning_rate"):
+        parts[-1] += f" (peak {sidecar['peak_learning_rate']:g})"
     return ", ".join(parts)
 
 

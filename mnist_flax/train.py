@@ -199,6 +199,8 @@ def run_metadata(config: TrainConfig, result: dict, test: dict) -> dict:
         "confusion_matrix": test["confusion_matrix"],
         "params": count_params(result["state"].params),
         **dataclasses.asdict(config),
+        "peak_learning_rate": max(float(training.learning_rate_schedule(config)(step))
+                                  for step in range(config.epochs * config.steps_per_epoch())),
         "epoch_seconds": [round(s, 3) for s in result["epoch_seconds"]],
         "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
                      "python": sys.version.split()[0]},
