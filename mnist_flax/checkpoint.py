@@ -83,15 +83,17 @@ def read_sidecar(checkpoint: str | Path) -> dict | None:
     return sidecar
 
 
-def read_checkpoint_bytes(path: str | Path) -> bytes:
+def read_checkpoint_bytes(path: str | Path, missing: str = "no such checkpoint; train one with "
+                          "`python -m mnist_flax.train`") -> bytes:
+    """The file's bytes, refusing anything far larger than SeedNet's weights (~40 KB) could be."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint; train one with `python -m mnist_flax.train`")
+        raise CheckpointError(f"{path}: {missing}")
     if not path.is_file():
         raise CheckpointError(f"{path}: not a file")
     size = path.stat().st_size
     if size > MAX_CHECKPOINT_BYTES:
-        raise CheckpointError(f"{path}: {size:,} bytes is far larger than any mnist_flax checkpoint; "
+        raise CheckpointError(f"{path}: {size:,} bytes is far larger than SeedNet's weights (~40 KB); "
                               "is it the right file?")
     try:
         return path.read_bytes()

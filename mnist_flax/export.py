@@ -167,26 +167,13 @@ class WeightsFile(NamedTuple):
 def read_weights_file(path: str | Path) -> WeightsFile:
     """A .safetensors or .npz state_dict of the original network, checked; CheckpointError otherwise."""
     path = Path(path)
-    data = read_bounded(path)
+    data = checkpoint.read_checkpoint_bytes(path, missing="no such file")
     if data.startswith(b"PK"):  # npz is a zip; safetensors starts with its header length
         state, metadata = npz_from_bytes(data, str(path)), {}
     else:
         state, metadata = safetensors_from_bytes(data, str(path))
     check_torch_state(state, str(path))
     return WeightsFile(state, metadata, checkpoint.sha256_hex(data))
-
-
-def read_bounded(path: Path) -> bytes:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
-    size = path.stat().st_size
-    if size > MAX_FILE_BYTES:
-        raise CheckpointError(f"{path}: {size:,} bytes is far larger than SeedNet's weights (~40 KB); "
-                              "is it the right file?")
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from e
 
 
 def safetensors_from_bytes(data: bytes, source: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
