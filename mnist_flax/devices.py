@@ -43,8 +43,20 @@ def configure_runtime(count: int) -> None:
 
 
 def initialize_distributed() -> None:
-    """Joins a multi-host run: one process per host, coordinates from the environment."""
-    jax.distributed.initialize()
+    """Joins a multi-host run: one process per host.
+
+    On Cloud TPU, SLURM and similar, JAX finds its peers itself. Elsewhere set
+    JAX_COORDINATOR_ADDRESS (host:port of process 0), and JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID, which this reads because jax.distributed.initialize does not.
+    """
+    def env_int(name):
+        value = os.environ.get(name)
+        try:
+            return None if value is None else int(value)
+        except ValueError:
+            raise MnistFlaxError(f"{name}={value!r} is not a whole number") from None
+
+    jax.distributed.initialize(num_processes=env_int("JAX_NUM_PROCESSES"), process_id=env_int("JAX_PROCESS_ID"))
 
 
 def make_mesh(count: int = 0) -> Mesh:
