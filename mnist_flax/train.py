@@ -139,7 +139,8 @@ def train(args, config: TrainConfig | None, data, stop: "StopRequest") -> dict:
     if config.train_examples:
         data = data._replace(train_images=data.train_images[:config.train_examples],
                              train_labels=data.train_labels[:config.train_examples])
-    mesh = devices.make_mesh(args.devices or DEFAULT_DEVICES.get(jax.default_backend(), 0))
+    default_count = 0 if jax.process_count() > 1 else DEFAULT_DEVICES.get(jax.default_backend(), 0)
+    mesh = devices.make_mesh(args.devices or default_count)
     devices.check_batch_size(config.batch_size, mesh)
     state = devices.replicate(state, mesh)
     primary = jax.process_index() == 0  # on many hosts, one process writes the files

@@ -1,6 +1,7 @@
 """Data-parallel training over 1, 2 and 8 host devices computes what one device does."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +53,29 @@ def test_batch_must_split_evenly():
     devices.check_batch_size(128, mesh)
     with pytest.raises(MnistFlaxError, match="more devices|asked for"):
         devices.make_mesh(10_000)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_as_one_process_with_two_devices(tmp_path, mnist_data_dir, mnist_manual_dir):
+    """--distributed: two processes (one CPU device each) compute what one process with two devices does."""
+    common = [sys.executable, "-m", "mnist_flax.train", "--train-examples", "640", "--no-plots", "--no-progress",
+              "--data-dir", str(mnist_data_dir), "--manual-dir", str(mnist_manual_dir)]
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}",
+           "JAX_NUM_PROCESSES": "2"}
+    procs = [subprocess.Popen(common + ["--distributed", "--output-dir", str(tmp_path / f"p{i}")],
+                              env={**env, "JAX_PROCESS_ID": str(i)}, cwd=HERE.parent,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert not list((tmp_path / "p1").glob("*.msgpack"))  # only process 0 writes
+    single = subprocess.run(common + ["--devices", "2", "--output-dir", str(tmp_path / "single")],
+                            env={**os.environ, "PYTHONPATH": str(HERE.parent)}, cwd=HERE.parent,
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    assert (next((tmp_path / "p0").glob("*.msgpack")).read_bytes()
+            == next((tmp_path / "single").glob("*.msgpack")).read_bytes())
