@@ -42,6 +42,35 @@ def configure_runtime(count: int) -> None:
             raise MnistFlaxError(f"cannot set {count} CPU devices now: {e}") from None
 
 
+COMPILATION_CACHE_ENV = "MNIST_FLAX_COMPILATION_CACHE"
+
+
+def default_compilation_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "mnist_flax", "jax")
+
+
+def enable_compilation_cache() -> str | None:
+    """Keeps compiled XLA programs on disk, so a second run starts in about half the time.
+
+    The directory is $MNIST_FLAX_COMPILATION_CACHE (empty or "off": no cache), else
+    JAX's own $JAX_COMPILATION_CACHE_DIR if set, else $XDG_CACHE_HOME/mnist_flax/jax.
+    Returns the directory used, or None. Every program is cached, however quick to
+    compile: together the small ones (init, step, evaluation) are most of start-up.
+    A cached program is the one XLA would compile (the key covers the HLO, the flags
+    and the jaxlib version), so results, and resumed runs, are unchanged.
+    """
+    path = os.environ.get(COMPILATION_CACHE_ENV)
+    if path is None:
+        path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or default_compilation_cache_dir()
+    if path.strip().lower() in ("", "off", "0", "none"):
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
 def initialize_distributed() -> None:
     """Joins a multi-host run: one process per host.
 
