@@ -22,10 +22,14 @@ settings.register_profile("ci", derandomize=True, database=None)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
-from mnist_flax import checkpoint, data, training
+from mnist_flax import checkpoint, data, devices, training
 from mnist_flax.config import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Commands the tests start compile from scratch: nothing written to the user's cache, and
+# timings (tests/test_resume.py interrupts a run mid-training) as on a first run.
+os.environ.setdefault(devices.COMPILATION_CACHE_ENV, "off")
 
 
 def _main_checkout(repo: Path) -> Path:

@@ -79,3 +79,19 @@ def test_two_processes_train_as_one_process_with_two_devices(tmp_path, mnist_dat
     assert single.returncode == 0, single.stderr[-2000:]
     assert (next((tmp_path / "p0").glob("*.msgpack")).read_bytes()
             == next((tmp_path / "single").glob("*.msgpack")).read_bytes())
+
+
+def test_compilation_cache_dir_from_environment(monkeypatch, tmp_path):
+    import jax
+    monkeypatch.setenv(devices.COMPILATION_CACHE_ENV, "off")
+    assert devices.enable_compilation_cache() is None
+    before = jax.config.jax_compilation_cache_dir
+    monkeypatch.setenv(devices.COMPILATION_CACHE_ENV, str(tmp_path))
+    try:
+        assert devices.enable_compilation_cache() == str(tmp_path)
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path)
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+    monkeypatch.delenv(devices.COMPILATION_CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert devices.default_compilation_cache_dir() == str(tmp_path / "mnist_flax" / "jax")
