@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jax
+import numpy as np
 from tqdm import tqdm
 
 from mnist_flax import checkpoint, cli, devices, loop, metrics_log, resume, training
@@ -126,6 +127,12 @@ def start_or_resume(args, config_or_none):
     return state, loop.Position(), config, Path(args.output_dir or "artifacts")
 
 
+def learning_rates(config: TrainConfig) -> np.ndarray:
+    """The learning rate of every step of the run."""
+    steps = np.arange(config.epochs * config.steps_per_epoch())
+    return np.asarray(jax.vmap(training.learning_rate_schedule(config))(steps))
+
+
 def data_key(config: TrainConfig) -> jax.Array:
     return jax.random.split(jax.random.key(config.seed))[1]
 
@@ -145,7 +152,7 @@ def train(args, config: TrainConfig | None, data, stop: "StopRequest") -> dict:
     state = devices.replicate(state, mesh)
     primary = jax.process_index() == 0  # on many hosts, one process writes the files
     steps_per_epoch = config.steps_per_epoch()
-    schedule = training.learning_rate_schedule(config)
+    rates = learning_rates(config)  # evaluated once: one JAX call per step would slow the loop
     log = metrics_log.MetricsLog(output_dir if primary else None, keep_until_step=int(state.step))
     print(f"training from step {int(state.step)} of {steps_per_epoch * config.epochs}", file=sys.stderr, flush=True)
     bar = tqdm(total=steps_per_epoch * config.epochs, initial=int(state.step), unit="step",
@@ -154,7 +161,7 @@ def train(args, config: TrainConfig | None, data, stop: "StopRequest") -> dict:
 
     def on_step(r: loop.StepReport):
         log.write(step=r.step, epoch=r.epoch, loss=r.loss, accuracy=r.accuracy,
-                  learning_rate=float(schedule(r.step - 1)), images_per_second=r.images_per_second)
+                  learning_rate=float(rates[r.step - 1]), images_per_second=r.images_per_second)
         if r.step % PROGRESS_EVERY == 0 or r.batch == r.batches_per_epoch:
             live = r.position.epoch_metrics()
             bar.set_description(f"epoch {r.epoch + 1}/{config.epochs}")
@@ -201,8 +208,7 @@ def run_metadata(config: TrainConfig, result: dict, test: dict) -> dict:
         "confusion_matrix": test["confusion_matrix"],
         "params": count_params(result["state"].params),
         **dataclasses.asdict(config),
-        "peak_learning_rate": max(float(training.learning_rate_schedule(config)(step))
-                                  for step in range(config.epochs * config.steps_per_epoch())),
+        "peak_learning_rate": float(learning_rates(config).max()),
         "epoch_seconds": [round(s, 3) for s in result["epoch_seconds"]],
         "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
                      "python": sys.version.split()[0]},
