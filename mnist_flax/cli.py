@@ -8,6 +8,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from mnist_flax.config import add_xla_flags
 from mnist_flax.errors import MnistFlaxError
 
 EXIT_FAILURE = 1
@@ -34,6 +35,7 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
 
     `main` parses its own arguments; `--debug` anywhere in argv re-raises instead.
     """
+    add_xla_flags()  # before anything starts JAX
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     prog = "mnist_flax"
     try:

@@ -14,14 +14,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mnist_flax import training
+from mnist_flax.config import add_xla_flags
 from mnist_flax.errors import MnistFlaxError
 
 BATCH_AXIS = "batch"
-
-
-# XLA:CPU runs small convolutions' weight gradients (a 24x24-window convolution for conv2)
-# much faster through Eigen than through YNNPACK, its default; measured in docs/performance.md.
-CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
 
 
 def configure_runtime(count: int) -> None:
@@ -30,11 +26,7 @@ def configure_runtime(count: int) -> None:
     Adds the project's XLA:CPU flags unless XLA_FLAGS already names them, and on CPU
     runs as `count` host devices (0: JAX's default, one).
     """
-    flags = os.environ.get("XLA_FLAGS", "")
-    for flag in CPU_XLA_FLAGS:
-        if flag.split("=")[0] not in flags:
-            flags = f"{flags} {flag}".strip()
-    os.environ["XLA_FLAGS"] = flags
+    add_xla_flags()
     if count > 1:
         try:
             jax.config.update("jax_num_cpu_devices", count)
