@@ -51,7 +51,10 @@ from mnist_flax.model import init_variables
 
 PER_CASE_S = 10  # hard bound (SIGALRM); hypothesis' deadline below is the soft one
 MAX_TRACED_BYTES = 64 * 2**20  # 4x the largest file any loader accepts
-MAX_RSS_GROWTH_BYTES = 128 * 2**20
+# Loose on purpose: the per-case tracemalloc bound above is the precise guard. In the full
+# suite the allocator and JAX's caches grow the peak by ~200 MiB over these cases (55 MiB
+# alone); a loader that honoured a declared 2**31-element length would add gigabytes.
+MAX_RSS_GROWTH_BYTES = 512 * 2**20
 MIN_TOTAL_CASES = 4000
 
 CASES: collections.Counter = collections.Counter()
