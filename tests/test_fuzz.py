@@ -10,7 +10,8 @@ pickled object arrays.
 
 Properties checked on every case:
   * the loader returns, or raises `CheckpointError` whose message names the source;
-  * it finishes within PER_CASE_S (a SIGALRM stops a hang) and hypothesis' deadline;
+  * it finishes within PER_CASE_S (a SIGALRM stops a hang; hypothesis' own deadline is
+    off, because on a loaded CI machine a slow case is not a hang);
   * it allocates at most MAX_TRACED_BYTES (tracemalloc, which numpy reports to), so a
     file declaring a huge length is refused before anything that size is allocated;
   * over the whole run the process' peak RSS grows by less than MAX_RSS_GROWTH_BYTES
@@ -49,7 +50,7 @@ from mnist_flax.errors import CheckpointError
 from mnist_flax.loop import Position
 from mnist_flax.model import init_variables
 
-PER_CASE_S = 10  # hard bound (SIGALRM); hypothesis' deadline below is the soft one
+PER_CASE_S = 10  # hard bound (SIGALRM)
 MAX_TRACED_BYTES = 64 * 2**20  # 4x the largest file any loader accepts
 # Loose on purpose: the per-case tracemalloc bound above is the precise guard. In the full
 # suite the allocator and JAX's caches grow the peak by ~200 MiB over these cases (55 MiB
@@ -66,7 +67,7 @@ def max_rss_bytes() -> int:
 
 
 def fuzz_settings(n: int):
-    return settings(max_examples=n, derandomize=True, database=None, deadline=5000, print_blob=True,
+    return settings(max_examples=n, derandomize=True, database=None, deadline=None, print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                            HealthCheck.large_base_example])
 
