@@ -28,6 +28,7 @@ SIDECAR_SUFFIX = ".json"
 # The model is ~40 KB; anything far larger is not ours, and unpacking msgpack
 # can take several times the file's size in memory.
 MAX_CHECKPOINT_BYTES = 16 * 2**20
+MAX_SIDECAR_BYTES = 2**20
 
 
 def checkpoint_name(created: dt.datetime, test_accuracy: float) -> str:
@@ -75,9 +76,13 @@ def read_sidecar(checkpoint: str | Path) -> dict | None:
     if not path.is_file():
         return None
     try:
+        if path.stat().st_size > MAX_SIDECAR_BYTES:
+            raise ValueError(f"{path.stat().st_size:,} bytes, far more than a sidecar holds")
         sidecar = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable sidecar JSON ({e}); delete it or restore it from the run") from e
+    except (OSError, ValueError, RecursionError) as e:  # ValueError covers bad JSON and bad UTF-8
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
+        raise CheckpointError(f"{path}: unreadable sidecar JSON ({reason}); delete it or restore it "
+                              "from the run") from None
     if not isinstance(sidecar, dict):
         raise CheckpointError(f"{path}: sidecar is not a JSON object")
     return sidecar

@@ -118,3 +118,11 @@ def test_sidecar_is_json_with_required_fields(tmp_path, variables):
     sidecar = json.loads(path.with_suffix(".json").read_text())
     assert {"test_accuracy", "created", "sha256"} <= set(sidecar)
     assert sidecar["created"].endswith("+00:00")
+
+
+@pytest.mark.parametrize("content", [b"[" * 100_000, b"\xff\xfe junk", b"{" + b" " * (2**20 + 1) + b"}"])
+def test_hostile_sidecar_is_a_checkpoint_error(tmp_path, variables, content):
+    path = checkpoint.save_checkpoint(tmp_path, variables, META)
+    path.with_suffix(".json").write_bytes(content)
+    with pytest.raises(CheckpointError, match="unreadable sidecar JSON"):
+        checkpoint.load_checkpoint(path)
