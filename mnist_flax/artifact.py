@@ -156,8 +156,8 @@ def list_artifacts(api: str, repo: str, token: str, timeout: float) -> list[dict
             try:
                 page = json.loads(resp.read())
                 found.extend(page["artifacts"])
-            except (ValueError, KeyError, TypeError) as e:
-                raise ArtifactError(f"unexpected answer from {api} while listing artifacts: {e}") from e
+            except (ValueError, KeyError, TypeError, RecursionError) as e:
+                raise ArtifactError(f"unexpected answer from {api} while listing artifacts: {e}"[:300]) from None
             except (OSError, http.client.HTTPException) as e:
                 raise _unreachable(url, e) from e
             url = next_link(resp.headers.get("Link"))
@@ -225,11 +225,14 @@ def _check_free(dest: Path) -> None:
 def read_sidecar(ckpt: Path) -> dict:
     sidecar = ckpt.with_suffix(".json")
     try:
-        return json.loads(sidecar.read_text())
+        meta = json.loads(sidecar.read_text())
     except FileNotFoundError:
         raise ArtifactError(f"{ckpt.name} has no sidecar {sidecar.name}; cannot verify it") from None
-    except ValueError as e:
-        raise ArtifactError(f"sidecar {sidecar.name} is not valid JSON: {e}") from e
+    except (ValueError, RecursionError) as e:
+        raise ArtifactError(f"sidecar {sidecar.name} is not valid JSON: {e}"[:300]) from None
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"sidecar {sidecar.name} is not a JSON object")
+    return meta
 
 
 def verify_checksum(ckpt: Path) -> None:

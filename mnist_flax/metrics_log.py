@@ -23,7 +23,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # a torn or foreign line
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int):
             records.append(record)
