@@ -1,9 +1,9 @@
-"""The training step and loop: pure functions from (state, data) to new state.
+"""The training step and evaluation: pure functions from (state, data) to new state.
 
-Nothing here reads files or flags; `train.py` owns the command line.
+Nothing here reads files or flags; `loop.py` runs the steps, `train.py` owns the command line.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -127,45 +127,6 @@ def epoch_order(key: jax.Array, epoch: int, num_examples: int, batch_size: int) 
     mask = np.zeros(steps * batch_size, bool)
     mask[:num_examples] = True
     return padded.reshape(steps, batch_size), mask.reshape(steps, batch_size)
-
-
-def epoch_batches(images: np.ndarray, labels: np.ndarray, order: np.ndarray, mask: np.ndarray) -> Iterator[Batch]:
-    for idx, m in zip(order, mask):
-        yield Batch(images[idx], labels[idx], m)
-
-
-def sum_metrics(totals: dict | None, metrics: dict) -> dict:
-    return metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
-
-
-def summarize(totals: dict) -> dict:
-    """Summed metrics -> {'loss', 'accuracy', 'count'} as Python numbers."""
-    totals = jax.device_get(totals)
-    count = float(totals["count"])
-    return {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count,
-            "count": int(count)}
-
-
-def train_epoch(
-    state: TrainState,
-    images: np.ndarray,
-    labels: np.ndarray,
-    key: jax.Array,
-    epoch: int,
-    batch_size: int,
-    step_fn: Callable = None,
-    on_step: Callable[[int, dict], None] | None = None,
-) -> tuple[TrainState, dict]:
-    """One pass over the data in a key-determined order; returns state and epoch metrics."""
-    step_fn = step_fn or jit_train_step
-    order, mask = epoch_order(key, epoch, len(images), batch_size)
-    totals = None
-    for i, batch in enumerate(epoch_batches(images, labels, order, mask)):
-        state, metrics = step_fn(state, batch)
-        totals = sum_metrics(totals, metrics)
-        if on_step is not None:
-            on_step(i, totals)
-    return state, summarize(totals)
 
 
 # Not donated: the loop keeps the state from before each step, to fall back on if the loss turns NaN.

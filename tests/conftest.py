@@ -22,7 +22,7 @@ settings.register_profile("ci", derandomize=True, database=None)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
-from mnist_flax import checkpoint, data, devices, training
+from mnist_flax import checkpoint, data, devices, loop, training
 from mnist_flax.config import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -106,9 +106,8 @@ def trained_checkpoint(mnist_arrays, test_set, tmp_path_factory) -> Path:
     config = TrainConfig()
     init_key, data_key = jax.random.split(jax.random.key(0))
     state = training.create_train_state(init_key, config)
-    order, mask = training.epoch_order(data_key, 0, len(images), config.batch_size)
-    for batch in list(training.epoch_batches(images, labels, order, mask))[:TRAIN_STEPS]:
-        state, _ = training.jit_train_step(state, batch)
+    state, _, _ = loop.run_epochs(state, images, labels, data_key, 1, config.batch_size,
+                                  should_pause=lambda s, position: int(s.step) >= TRAIN_STEPS)
     variables = training.model_variables(state)
     test = training.evaluate(variables, *test_set)
     metadata = {"test_accuracy": test["accuracy"], "batch_size": config.batch_size,

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from mnist_flax import training
+from mnist_flax import loop, training
 from mnist_flax.config import TrainConfig
 
 
@@ -89,8 +89,14 @@ def test_epoch_order_depends_on_key_and_epoch():
 
 def test_train_epoch_on_tiny_data_is_reproducible(state):
     batch = fixed_batch(size=20)
-    run = lambda: training.train_epoch(state, batch.images, batch.labels, jax.random.key(3), 0, batch_size=8,
-                                       step_fn=jax.jit(training.train_step))
+
+    def run():
+        metrics = {}
+        final, _, _ = loop.run_epochs(state, batch.images, batch.labels, jax.random.key(3), 1, batch_size=8,
+                                      step_fn=jax.jit(training.train_step),
+                                      on_epoch_end=lambda epoch, m: metrics.update(m))
+        return final, metrics
+
     (s1, m1), (s2, m2) = run(), run()
     chex.assert_trees_all_equal(s1.params, s2.params)
     assert m1 == m2 and m1["count"] == 20
