@@ -116,15 +116,19 @@ class StopRequest:
         signal.signal(signal.SIGTERM, self)
 
 
-def start_or_resume(args, config_or_none):
-    """(state, position, config, output_dir) for a fresh run or the one being resumed."""
+def start_or_resume(args):
+    """(state, position, config, output_dir) for a fresh run or the one being resumed.
+
+    Runs before MNIST is loaded, so a bad flag, resume file or output directory fails at once.
+    """
     if args.resume:
         state, position, config = resume.load_resume_state(args.resume)
         output_dir = Path(args.output_dir) if args.output_dir else resume.resume_path(args.resume).parent
-        return state, position, config, output_dir
-    config = config_or_none
-    state = training.create_train_state(jax.random.split(jax.random.key(config.seed))[0], config)
-    return state, loop.Position(), config, Path(args.output_dir or "artifacts")
+    else:
+        config = parse_config(args)
+        state = training.create_train_state(jax.random.split(jax.random.key(config.seed))[0], config)
+        position, output_dir = loop.Position(), Path(args.output_dir or "artifacts")
+    return state, position, config, prepare_output_dir(output_dir)
 
 
 def learning_rates(config: TrainConfig) -> np.ndarray:
@@ -137,9 +141,8 @@ def data_key(config: TrainConfig) -> jax.Array:
     return jax.random.split(jax.random.key(config.seed))[1]
 
 
-def train(args, config: TrainConfig | None, data, stop: "StopRequest") -> dict:
-    state, position, config, output_dir = start_or_resume(args, config)
-    prepare_output_dir(output_dir)
+def train(args, start: tuple, data, stop: "StopRequest") -> dict:
+    state, position, config, output_dir = start
     if config.train_examples > len(data.train_images):
         raise cli.UsageError(f"--train-examples {config.train_examples} is more than the "
                              f"{len(data.train_images):,} training examples")
@@ -226,16 +229,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     devices.enable_compilation_cache()  # start-up 9 s -> 4 s on the second run (docs/performance.md)
     if args.distributed:
         devices.initialize_distributed()
-    config = None if args.resume else parse_config(args)
-    if not args.resume:
-        prepare_output_dir(args.output_dir or "artifacts")
-    else:
-        resume.load_resume_state(args.resume)  # a bad resume file fails before MNIST is loaded
+    start = start_or_resume(args)
     data = load_mnist(data_dir=args.data_dir, manual_dir=args.manual_dir)
     if stop.signal is not None:
         print("interrupted before training started; nothing to resume", file=sys.stderr)
         return EXIT_SIGNAL_BASE + stop.signal
-    result = train(args, config, data, stop)
+    result = train(args, start, data, stop)
     config, output_dir = result["config"], result["output_dir"]
     if not result["finished"]:
         step = int(result["state"].step)
