@@ -31,9 +31,11 @@ PARAM_BUDGET = 25_000
 
 def normalize(images: jax.Array) -> jax.Array:
     """uint8 pixels (0..255) or floats in [0, 1] -> the original's normalised floats."""
-    x = images.astype(jnp.float32)
-    if jnp.issubdtype(images.dtype, jnp.integer):
-        x = x / 255.0
+    x = jnp.asarray(images)
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        x = x.astype(jnp.float32) / 255.0
+    else:  # float64 stays float64 where JAX runs in 64 bits (the fast path's exactness tests)
+        x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     return (x - MNIST_MEAN) / MNIST_STD
 
 

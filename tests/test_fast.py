@@ -1,4 +1,12 @@
-"""The fast training path computes the same step as the plain linen module."""
+"""The fast training path computes the same step as the plain linen module.
+
+Exactness is checked in float64, where rounding is too small to matter: one step's
+gradients and three Adam steps agree to about 1e-9 relative. In float32 the two paths
+sum in different orders, so a pre-activation within rounding of zero can land on the
+other side of a ReLU in one of them. That moves a gradient by one element's share
+(under 1% of its largest entry here), so float32 gradients get a tolerance that
+allows it, while the forward pass, which is continuous, is held tight.
+"""
 
 import chex
 import jax
@@ -15,7 +23,7 @@ STEPS = 3
 
 def conv_bias(path: str) -> bool:
     # A conv bias feeds BatchNorm, which subtracts the batch mean: its gradient is exactly zero
-    # in exact arithmetic and rounding noise in any float32 implementation (PyTorch's too).
+    # in exact arithmetic and rounding noise in any float implementation (PyTorch's too).
     return path.startswith("conv") and path.endswith("bias")
 
 
@@ -23,17 +31,24 @@ def flat(tree) -> dict:
     return {"/".join(str(k.key) for k in p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def batches(count, real_last=97):
+def batches(count, real_last=97, dtype=np.uint8):
+    """Random batches; the last has `real_last` real examples. Float dtypes give pixels in [0, 1]."""
     rng = np.random.default_rng(0)
     for i in range(count):
         real = 128 if i < count - 1 else real_last
-        yield training.Batch(rng.integers(0, 256, (128, 28, 28, 1), dtype=np.uint8),
-                             rng.integers(0, 10, 128).astype(np.int32), np.arange(128) < real)
+        images = rng.integers(0, 256, (128, 28, 28, 1), dtype=np.uint8)
+        if dtype != np.uint8:
+            images = (images / 255.0).astype(dtype)
+        yield training.Batch(images, rng.integers(0, 10, 128).astype(np.int32), np.arange(128) < real)
 
 
 @pytest.fixture(scope="module")
 def initial():
     return training.create_train_state(jax.random.key(0), TrainConfig())
+
+
+def to_float64(state):
+    return jax.tree.map(lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
 
 
 def gradients(state, apply_fn, batch):
@@ -43,17 +58,66 @@ def gradients(state, apply_fn, batch):
     return loss, logits, stats, grads
 
 
+def assert_gradients_close(quick, plain, rtol):
+    """Each gradient within rtol of its largest entry; conv biases against their kernel's."""
+    plain, quick = flat(plain), flat(quick)
+    for path, g in plain.items():
+        scale = np.abs(plain[path[:-4] + "kernel"] if conv_bias(path) else g).max()
+        np.testing.assert_allclose(quick[path], g, rtol=0, atol=rtol * scale, err_msg=path)
+
+
 @pytest.mark.parametrize("real", [128, 97])
-def test_one_step_gradients_match(initial, real):
+def test_one_step_is_exact_in_float64(initial, real):
+    with jax.enable_x64(True):
+        state = to_float64(initial)
+        batch = next(batches(1, real_last=real, dtype=np.float64))
+        plain = gradients(state, SeedNet().apply, batch)
+        quick = gradients(state, fast.apply, batch)
+        assert quick[3]["conv2"]["kernel"].dtype == jnp.float64  # really computed in 64 bits
+        np.testing.assert_allclose(quick[0], plain[0], rtol=1e-12)
+        np.testing.assert_allclose(quick[1][:real], plain[1][:real], rtol=1e-10, atol=1e-10)
+        chex.assert_trees_all_close(quick[2], plain[2], rtol=1e-10, atol=1e-12)
+        assert_gradients_close(quick[3], plain[3], rtol=1e-9)
+
+
+def test_a_few_adam_steps_are_exact_in_float64(initial):
+    with jax.enable_x64(True):
+        state = to_float64(initial)
+        plain, quick = state.replace(apply_fn=SeedNet().apply), state.replace(apply_fn=fast.apply)
+        step = jax.jit(training.train_step)
+        for batch in batches(STEPS, dtype=np.float64):
+            plain, m_plain = step(plain, batch)
+            quick, m_quick = step(quick, batch)
+            np.testing.assert_allclose(m_quick["loss_sum"], m_plain["loss_sum"], rtol=1e-12)
+        for path, value in flat(plain.params).items():
+            if not conv_bias(path):  # Adam turns their rounding-noise gradients into lr-sized steps
+                np.testing.assert_allclose(flat(quick.params)[path], value, rtol=0, atol=1e-9, err_msg=path)
+        for path, value in flat(plain.batch_stats).items():
+            if path.endswith("var"):  # running means absorb the conv-bias noise; variances do not
+                np.testing.assert_allclose(flat(quick.batch_stats)[path], value, rtol=1e-9, err_msg=path)
+
+
+@pytest.mark.parametrize("real", [128, 97])
+def test_one_step_agrees_in_float32(initial, real):
     batch = next(batches(1, real_last=real))
     plain = gradients(initial, SeedNet().apply, batch)
     quick = gradients(initial, fast.apply, batch)
     np.testing.assert_allclose(quick[0], plain[0], rtol=1e-6)
     np.testing.assert_allclose(quick[1][:real], plain[1][:real], rtol=1e-5, atol=1e-5)
     chex.assert_trees_all_close(quick[2], plain[2], rtol=1e-5, atol=1e-6)
-    for path, g in flat(plain[3]).items():
-        scale = np.abs(g).max() if not conv_bias(path) else np.abs(flat(plain[3])[path[:-4] + "kernel"]).max()
-        np.testing.assert_allclose(flat(quick[3])[path], g, atol=2e-5 * scale, err_msg=path)
+    assert_gradients_close(quick[3], plain[3], rtol=2e-2)  # room for a ReLU flip (module docstring)
+
+
+def test_a_few_adam_steps_agree_in_float32(initial):
+    plain, quick = initial.replace(apply_fn=SeedNet().apply), initial.replace(apply_fn=fast.apply)
+    step = jax.jit(training.train_step)
+    for batch in batches(STEPS):
+        plain, m_plain = step(plain, batch)
+        quick, m_quick = step(quick, batch)
+        np.testing.assert_allclose(m_quick["loss_sum"], m_plain["loss_sum"], rtol=1e-5)
+    for path, value in flat(plain.params).items():
+        if not conv_bias(path):  # each step moves a parameter by up to the learning rate, 0.01
+            np.testing.assert_allclose(flat(quick.params)[path], value, atol=1e-3, err_msg=path)
 
 
 def test_eval_mode_matches(initial):
@@ -62,21 +126,6 @@ def test_eval_mode_matches(initial):
     images = next(batches(1)).images
     np.testing.assert_allclose(fast.apply(variables, images, train=False),
                                SeedNet().apply(variables, images, train=False), rtol=1e-5, atol=1e-5)
-
-
-def test_a_few_adam_steps_match(initial):
-    plain, quick = initial.replace(apply_fn=SeedNet().apply), initial.replace(apply_fn=fast.apply)
-    step = jax.jit(training.train_step)
-    for batch in batches(STEPS):
-        plain, m_plain = step(plain, batch)
-        quick, m_quick = step(quick, batch)
-        np.testing.assert_allclose(m_quick["loss_sum"], m_plain["loss_sum"], rtol=1e-5)
-    for path, value in flat(plain.params).items():
-        if not conv_bias(path):
-            np.testing.assert_allclose(flat(quick.params)[path], value, atol=1e-4, err_msg=path)
-    for path, value in flat(plain.batch_stats).items():
-        if path.endswith("var"):  # running means absorb the conv-bias noise; variances do not
-            np.testing.assert_allclose(flat(quick.batch_stats)[path], value, rtol=1e-4, err_msg=path)
 
 
 def test_fast_path_is_the_training_default(initial):
