@@ -4,7 +4,10 @@ Same parameters, same math as `model.SeedNet` (tests/test_fast.py pins it),
 expressed the way XLA on CPU runs fastest (measurements: docs/performance.md):
 
 * max-pool as reshape + max: `nn.max_pool` lowers to reduce_window, whose
-  gradient (select_and_scatter) is several times slower on CPU;
+  gradient (select_and_scatter) is several times slower on CPU; in training it
+  is folded into the BatchNorm+ReLU before it, which pools the conv output
+  (exactly: the map is monotone) so that the full-size activation is never
+  written, and routes each window's gradient to its first maximum as PyTorch does;
 * BatchNorm (training mode) and ReLU as one `jax.custom_vjp` with the
   textbook backward pass: two reductions and one elementwise pass, where
   autodiff of the forward emits many more passes over the activations, and
@@ -119,6 +122,54 @@ def bn_relu_train(z, scale, bias, mask):
 bn_relu_train.defvjp(_bn_relu_forward, _bn_relu_backward)
 
 
+def _windows(x: jax.Array) -> jax.Array:
+    """(N, H, W, C) -> (N, H/2, 2, W/2, 2, C): the 2x2 pooling windows."""
+    n, h, w, c = x.shape
+    return x.reshape(n, h // 2, 2, w // 2, 2, c)
+
+
+def _bn_relu_pool_forward(z, scale, bias, mask):
+    w, n = _weights(z, mask)
+    mean = _channel_sum(z, w) / n
+    var = _channel_sum(jnp.square(z - mean), w) / n  # two-pass
+    inv_std = lax.rsqrt(var + BN_EPSILON)
+    factor = scale * inv_std
+    # relu((z - mean) * factor + bias) rises with z where factor >= 0 and falls elsewhere,
+    # and so does each rounded step of it: pooling z first (max or min) is exact, and the
+    # full-size activation is never written.
+    windows = _windows(z)
+    chosen = jnp.where(factor >= 0, windows.max(axis=(2, 4)), windows.min(axis=(2, 4)))
+    y = jnp.maximum((chosen - mean) * factor + bias, 0.0)
+    return (y, mean, var), (z, chosen, mean, inv_std, scale, bias, w, n)
+
+
+def _bn_relu_pool_backward(saved, cotangents):
+    z, chosen, mean, inv_std, scale, bias, w, n = saved
+    factor = scale * inv_std
+    g = jnp.where((chosen - mean) * factor + bias > 0, cotangents[0], 0.0)  # through the ReLU
+    sum_g, sum_g_normed = jnp.sum(g, (0, 1, 2)), jnp.sum(g * ((chosen - mean) * inv_std), (0, 1, 2))
+    # Each window's gradient goes to the first position holding the pooled value, where
+    # max-pooling sends it (XLA's select_and_scatter, PyTorch's max_pool2d).
+    hit = [[_windows(z)[:, :, i, :, j] == chosen for j in range(2)] for i in range(2)]
+    first = [[hit[0][0], hit[0][1] & ~hit[0][0]],
+             [hit[1][0] & ~(hit[0][0] | hit[0][1]), ~(hit[0][0] | hit[0][1] | hit[1][0])]]
+    routed = jnp.stack([jnp.stack([jnp.where(first[i][j], g, 0.0) for j in range(2)], axis=3)
+                        for i in range(2)], axis=2).reshape(z.shape)
+    normed = (z - mean) * inv_std
+    w = 1.0 if w is None else w[:, None, None, None]
+    dz = factor * (routed - w * (sum_g / n) - (w * normed) * (sum_g_normed / n))
+    return dz, sum_g_normed, sum_g, None
+
+
+@jax.custom_vjp
+def bn_relu_pool_train(z, scale, bias, mask):
+    """max_pool_2x2(relu(batch_norm(z))) over the real examples, plus the batch mean and biased variance."""
+    return _bn_relu_pool_forward(z, scale, bias, mask)[0]
+
+
+bn_relu_pool_train.defvjp(_bn_relu_pool_forward, _bn_relu_pool_backward)
+
+
 def _max_pool_2x2(x: jax.Array) -> jax.Array:
     n, h, w, c = x.shape
     return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
@@ -135,7 +186,8 @@ def apply(variables: dict, images: jax.Array, *, train: bool, mask: jax.Array | 
         z = conv(x, params[f"conv{i}"]["kernel"]) + params[f"conv{i}"]["bias"]
         bn, running = params[f"bn{i}"], stats[f"bn{i}"]
         if train:
-            x, mean, var = bn_relu_train(z, bn["scale"], bn["bias"], mask)
+            pooled = i == POOL_AFTER
+            x, mean, var = (bn_relu_pool_train if pooled else bn_relu_train)(z, bn["scale"], bn["bias"], mask)
             n = _weights(z, mask)[1]
             unbiased = var * n / jnp.maximum(n - 1, 1)  # PyTorch's running variance
             new_stats[f"bn{i}"] = jax.tree.map(
@@ -144,7 +196,7 @@ def apply(variables: dict, images: jax.Array, *, train: bool, mask: jax.Array | 
         else:
             inv_std = lax.rsqrt(running["var"] + BN_EPSILON)
             x = jnp.maximum((z - running["mean"]) * (bn["scale"] * inv_std) + bn["bias"], 0.0)
-        if i == POOL_AFTER:
+        if i == POOL_AFTER and not train:  # in training, bn_relu_pool_train pooled already
             x = _max_pool_2x2(x)
     logits = x.reshape(x.shape[0], -1) @ params["fc"]["kernel"] + params["fc"]["bias"]
     return (logits, {"batch_stats": new_stats if train else stats}) if mutable else logits

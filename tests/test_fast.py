@@ -135,3 +135,34 @@ def test_fast_path_is_the_training_default(initial):
 def test_fast_apply_validates_input(initial):
     with pytest.raises(ValueError, match=r"\(N, 28, 28, 1\)"):
         fast.apply(training.model_variables(initial), jnp.zeros((2, 28, 28)), train=False)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_pooling_routes_ties_like_max_pool(sign):
+    """Tied windows (flat image regions) send the gradient to their first maximum, as
+    nn.max_pool (select_and_scatter) and PyTorch do, for rising and falling BatchNorm scales."""
+    import flax.linen as nn
+
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(1)
+        z = rng.integers(0, 3, (4, 6, 6, 3)).astype(np.float64)  # few distinct values: many ties
+        scale, bias = sign * np.array([1.0, 0.5, 2.0]), np.array([0.3, -0.1, 0.2])
+        mask = np.array([True, True, True, False])
+        cotangent = rng.normal(size=(4, 3, 3, 3)) * mask[:, None, None, None]
+
+        def reference(z, scale, bias):
+            w = mask.astype(z.dtype)[:, None, None, None]
+            n = 36 * w.sum()
+            mean = (z * w).sum((0, 1, 2)) / n
+            var = (jnp.square(z - mean) * w).sum((0, 1, 2)) / n
+            y = jnp.maximum((z - mean) * (scale * jax.lax.rsqrt(var + 1e-5)) + bias, 0.0)
+            return nn.max_pool(y, (2, 2), strides=(2, 2))
+
+        def fused(z, scale, bias):
+            return fast.bn_relu_pool_train(z, scale, bias, mask)[0]
+
+        expected, expected_vjp = jax.vjp(reference, z, scale, bias)
+        actual, actual_vjp = jax.vjp(fused, z, scale, bias)
+        np.testing.assert_allclose(actual, expected, rtol=1e-12, atol=1e-12)
+        for got, want in zip(actual_vjp(cotangent), expected_vjp(cotangent)):
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
