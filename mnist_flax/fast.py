@@ -91,25 +91,35 @@ def _channel_sum(values: jax.Array, w: jax.Array | None) -> jax.Array:
     return w @ jnp.sum(values, (1, 2))
 
 
-def _bn_relu_forward(z, scale, bias, mask):
+def _statistics(z, mask):
+    """Weights, count, mean, biased variance (two-pass) and 1/std of z over the real examples."""
     w, n = _weights(z, mask)
     mean = _channel_sum(z, w) / n
-    centred = z - mean
-    var = _channel_sum(jnp.square(centred), w) / n  # two-pass
-    inv_std = lax.rsqrt(var + BN_EPSILON)
-    y = jnp.maximum(centred * (scale * inv_std) + bias, 0.0)
-    return (y, mean, var), (z, mean, inv_std, scale, bias, mask, w, n)
+    var = _channel_sum(jnp.square(z - mean), w) / n
+    return w, n, mean, var, lax.rsqrt(var + BN_EPSILON)
+
+
+def _normalisation_gradient(g, z, mean, inv_std, scale, w, n, sum_g, sum_g_normed):
+    """The textbook BatchNorm backward: d/dz from g, the gradient at the normalised output."""
+    normed = (z - mean) * inv_std
+    w = 1.0 if w is None else w[:, None, None, None]
+    return (scale * inv_std) * (g - w * (sum_g / n) - (w * normed) * (sum_g_normed / n))
+
+
+def _bn_relu_forward(z, scale, bias, mask):
+    w, n, mean, var, inv_std = _statistics(z, mask)
+    y = jnp.maximum((z - mean) * (scale * inv_std) + bias, 0.0)
+    return (y, mean, var), (z, mean, inv_std, scale, bias, w, n)
 
 
 def _bn_relu_backward(saved, cotangents):
     # Only y's cotangent matters: mean and var feed the running statistics, which are not
     # differentiated (as in flax and PyTorch).
-    z, mean, inv_std, scale, bias, mask, w, n = saved
+    z, mean, inv_std, scale, bias, w, n = saved
     normed = (z - mean) * inv_std
     g = jnp.where(normed * scale + bias > 0, cotangents[0], 0.0)  # through the ReLU
     sum_g, sum_g_normed = jnp.sum(g, (0, 1, 2)), jnp.sum(g * normed, (0, 1, 2))
-    w = 1.0 if w is None else w[:, None, None, None]
-    dz = (scale * inv_std) * (g - w * (sum_g / n) - (w * normed) * (sum_g_normed / n))
+    dz = _normalisation_gradient(g, z, mean, inv_std, scale, w, n, sum_g, sum_g_normed)
     return dz, sum_g_normed, sum_g, None  # the mask gets no gradient
 
 
@@ -129,10 +139,7 @@ def _windows(x: jax.Array) -> jax.Array:
 
 
 def _bn_relu_pool_forward(z, scale, bias, mask):
-    w, n = _weights(z, mask)
-    mean = _channel_sum(z, w) / n
-    var = _channel_sum(jnp.square(z - mean), w) / n  # two-pass
-    inv_std = lax.rsqrt(var + BN_EPSILON)
+    w, n, mean, var, inv_std = _statistics(z, mask)
     factor = scale * inv_std
     # relu((z - mean) * factor + bias) rises with z where factor >= 0 and falls elsewhere,
     # and so does each rounded step of it: pooling z first (max or min) is exact, and the
@@ -155,9 +162,7 @@ def _bn_relu_pool_backward(saved, cotangents):
              [hit[1][0] & ~(hit[0][0] | hit[0][1]), ~(hit[0][0] | hit[0][1] | hit[1][0])]]
     routed = jnp.stack([jnp.stack([jnp.where(first[i][j], g, 0.0) for j in range(2)], axis=3)
                         for i in range(2)], axis=2).reshape(z.shape)
-    normed = (z - mean) * inv_std
-    w = 1.0 if w is None else w[:, None, None, None]
-    dz = factor * (routed - w * (sum_g / n) - (w * normed) * (sum_g_normed / n))
+    dz = _normalisation_gradient(routed, z, mean, inv_std, scale, w, n, sum_g, sum_g_normed)
     return dz, sum_g_normed, sum_g, None
 
 
