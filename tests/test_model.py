@@ -70,6 +70,16 @@ def test_uint8_and_unit_float_inputs_agree(variables):
     chex.assert_trees_all_close(normalize(jnp.array([[0]], jnp.uint8)), jnp.array([[-0.1307 / 0.3081]]), atol=1e-6)
 
 
+def test_normalize_keeps_float_precision_where_jax_has_it():
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 28, 28, 1), dtype=np.uint8)
+    assert normalize(pixels).dtype == jnp.float32
+    assert normalize(pixels.astype(np.float16) / 255).dtype == jnp.float32
+    assert normalize(pixels / 255.0).dtype == jnp.float32  # float64 input, JAX in 32 bits
+    with jax.enable_x64(True):  # the fast path's exactness tests run both models in float64
+        assert normalize(pixels / 255.0).dtype == jnp.float64
+        assert normalize(pixels).dtype == jnp.float32
+
+
 @pytest.mark.parametrize("shape", [(28, 28, 1), (2, 28, 28), (2, 1, 28, 28), (2, 32, 32, 1), (2, 28, 28, 3)])
 def test_wrong_shape_is_a_clear_error(variables, shape):
     with pytest.raises(ValueError, match=r"expected images of shape \(N, 28, 28, 1\)"):
