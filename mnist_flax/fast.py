@@ -157,7 +157,8 @@ def _bn_relu_pool_backward(saved, cotangents):
     sum_g, sum_g_normed = jnp.sum(g, (0, 1, 2)), jnp.sum(g * ((chosen - mean) * inv_std), (0, 1, 2))
     # Each window's gradient goes to the first position holding the pooled value, where
     # max-pooling sends it (XLA's select_and_scatter, PyTorch's max_pool2d).
-    hit = [[_windows(z)[:, :, i, :, j] == chosen for j in range(2)] for i in range(2)]
+    windows = _windows(z)
+    hit = [[windows[:, :, i, :, j] == chosen for j in range(2)] for i in range(2)]
     first = [[hit[0][0], hit[0][1] & ~hit[0][0]],
              [hit[1][0] & ~(hit[0][0] | hit[0][1]), ~(hit[0][0] | hit[0][1] | hit[1][0])]]
     routed = jnp.stack([jnp.stack([jnp.where(first[i][j], g, 0.0) for j in range(2)], axis=3)
