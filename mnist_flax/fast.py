@@ -177,8 +177,7 @@ bn_relu_pool_train.defvjp(_bn_relu_pool_forward, _bn_relu_pool_backward)
 
 
 def _max_pool_2x2(x: jax.Array) -> jax.Array:
-    n, h, w, c = x.shape
-    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+    return _windows(x).max(axis=(2, 4))
 
 
 def apply(variables: dict, images: jax.Array, *, train: bool, mask: jax.Array | None = None,
