@@ -5,9 +5,11 @@ module has its own small builder that reads the four original IDX files, from a
 manual directory or from public mirrors, and stores raw uint8 tensors.
 """
 
+import contextlib
 import gzip
 import hashlib
 import os
+import shutil
 import struct
 import urllib.error
 import urllib.request
@@ -17,6 +19,11 @@ from typing import NamedTuple
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent first prepares are not serialised there
+    fcntl = None
 
 from mnist_flax.errors import DataError
 
@@ -80,13 +87,12 @@ def parse_idx(raw: bytes, dims: tuple[int, ...], source: str) -> np.ndarray:
     return np.frombuffer(body, np.uint8).reshape(dims)
 
 
-def check_sha256(raw: bytes, expected: str, source: str) -> None:
+def check_sha256(raw: bytes, expected: str, source: str, remedy: str) -> None:
     actual = hashlib.sha256(raw).hexdigest()
     if actual != expected:
         raise DataError(
             f"{source}: sha256 of the decompressed bytes is {actual}, expected {expected}. The "
-            f"file is corrupt or not the original MNIST file: delete it and run again to "
-            f"re-download, or point --manual-dir / {MANUAL_DIR_ENV} at good copies."
+            f"file is corrupt or not the original MNIST file: {remedy}."
         )
 
 
@@ -198,11 +204,15 @@ class MnistIdx(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _load_file(self, name: str, dims: tuple[int, ...], dl_manager) -> np.ndarray:
         if self._manual_dir is not None:
             path = find_manual_file(self._manual_dir, name, self.EXPECTED_SHA256[name])
+            remedy = (f"replace it with a good copy of {name}.gz from an MNIST mirror such as "
+                      f"{self.MIRRORS[0] if self.MIRRORS else MNIST_MIRRORS[0]}")
         else:
             path = download(name, self.MIRRORS, Path(dl_manager.download_dir), self.DOWNLOAD_TIMEOUT_S)
+            remedy = (f"delete it and run again to re-download, or put good copies in a directory "
+                      f"and pass --manual-dir DIR or set {MANUAL_DIR_ENV}=DIR")
         raw = read_source(path)
         array = parse_idx(raw, dims, str(path))
-        check_sha256(raw, self.EXPECTED_SHA256[name], str(path))
+        check_sha256(raw, self.EXPECTED_SHA256[name], str(path), remedy)
         return array
 
     def _generate_examples(self, images: np.ndarray, labels: np.ndarray):
@@ -219,9 +229,31 @@ def read_split(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.ndarra
     return images, labels
 
 
+@contextlib.contextmanager
+def exclusive_prepare(builder: tfds.core.DatasetBuilder):
+    """Holds a lock per dataset and data dir, and clears what killed prepares left behind.
+
+    Two processes preparing the same dataset at once (two first runs, parallel tests)
+    would both write it and the second rename would fail; with the lock, the second
+    waits and then finds the data ready. Under the lock no prepare is running, so any
+    `incomplete.*` directory is a dead one's (TFDS never removes those itself).
+    """
+    dataset_dir = Path(builder.data_dir).parent  # <data dir>/<dataset name>/<version>
+    dataset_dir.mkdir(parents=True, exist_ok=True)
+    with open(dataset_dir.parent / f".{builder.name}.lock", "a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        for stale in dataset_dir.glob("incomplete.*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        yield
+
+
 def load_builder(builder: tfds.core.DatasetBuilder) -> MnistArrays:
     """Prepares `builder` if it is not yet (once per data dir), then reads both splits."""
-    builder.download_and_prepare()
+    with exclusive_prepare(builder):
+        builder.download_and_prepare()
+    if not builder.info.splits:  # another process prepared it after this builder read its (empty) info
+        builder.info.read_from_directory(builder.data_dir)
     return MnistArrays(*read_split(builder, "train"), *read_split(builder, "test"))
 
 

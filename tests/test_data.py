@@ -113,7 +113,55 @@ def test_wrong_hash_names_file_and_both_hashes(tmp_path):
     message = str(e.value)
     assert "t10k-images-idx3-ubyte.gz" in message
     assert good_hash in message and hashlib.sha256(bad).hexdigest() in message
-    assert "delete" in message and "--manual-dir" in message
+    # A file the user supplied is replaced by hand: deleting it and re-running would not re-download.
+    assert "replace it with a good copy" in message and "re-download" not in message
+
+
+def test_wrong_hash_of_a_download_says_to_delete_it(tmp_path, http_root):
+    root, url = http_root
+    files = tiny_idx_set()
+    bad = bytearray(files["train-labels-idx1-ubyte"])
+    bad[-1] = (bad[-1] + 1) % 10
+    write_set(root, {**files, "train-labels-idx1-ubyte": bytes(bad)})
+    with pytest.raises(DataError) as e:
+        data.load_builder(tiny_builder_cls(files, mirrors=[url])(data_dir=tmp_path / "tfds"))
+    message = str(e.value)
+    assert str(tmp_path / "tfds" / "downloads" / "train-labels-idx1-ubyte.gz") in message
+    assert "delete it and run again to re-download" in message and "--manual-dir" in message
+
+
+def test_concurrent_first_loads_all_succeed(tmp_path):
+    # Without the prepare lock, the later writers' renames fail with FileExistsError.
+    files = tiny_idx_set()
+    manual = write_set(tmp_path / "manual", files)
+    cls = tiny_builder_cls(files)
+    results, errors = [], []
+
+    def load():
+        try:
+            results.append(data.load_builder(cls(data_dir=tmp_path / "tfds", manual_dir=manual)))
+        except Exception as e:  # noqa: BLE001 - reported below, with its type
+            errors.append(e)
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for result in results:
+        assert_arrays_equal(result, expected_arrays(files))
+    assert [p.name for p in (tmp_path / "tfds" / "tiny_mnist").iterdir()] == ["1.0.0"]
+
+
+def test_load_clears_what_a_killed_prepare_left(tmp_path):
+    files = tiny_idx_set()
+    stale = tmp_path / "tfds" / "tiny_mnist" / "incomplete.ABC123_1.0.0"
+    stale.mkdir(parents=True)
+    (stale / "tiny_mnist-train.array_record-00000-of-00001").write_bytes(b"half written")
+    manual = write_set(tmp_path / "manual", files)
+    data.load_builder(tiny_builder_cls(files)(data_dir=tmp_path / "tfds", manual_dir=manual))
+    assert [p.name for p in (tmp_path / "tfds" / "tiny_mnist").iterdir()] == ["1.0.0"]
 
 
 def test_failed_prepare_leaves_nothing_that_loads(tmp_path):
