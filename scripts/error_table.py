@@ -168,7 +168,8 @@ def make_scene(root: Path, mnist: Path, prepared_tfds: Path | None = None) -> Sc
     if prepared_tfds is None:
         from mnist_flax.data import load_mnist
         prepared_tfds = root / "tfds-prepared"
-        load_mnist(data_dir=str(prepared_tfds), manual_dir=str(mnist))
+        with contextlib.redirect_stdout(sys.stderr):  # TFDS reports on stdout, which is the table
+            load_mnist(data_dir=str(prepared_tfds), manual_dir=str(mnist))
 
     ckpt_dir = root / "ckpt"
     ckpt_dir.mkdir(exist_ok=True)

@@ -75,5 +75,6 @@ def test_the_scene_checkpoint_is_valid(scene):
 
 def test_the_committed_table_lists_every_case():
     table = (REPO / "docs" / "error_messages.md").read_text()
+    assert table.startswith("# Error messages\n"), "something else wrote to the table's stdout"
     for case in error_table.CASES:
         assert f"| {case.command} | {case.what.replace('|', chr(92) + '|')} |" in table, case.what
