@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, help=f"default {TrainConfig.learning_rate}; onecycle peaks at "
                    "ONECYCLE_PEAK_FACTOR (4) times this")
     p.add_argument("--recipe", choices=RECIPES, help="seed: the original's constant-rate Adam (default); "
-                   "onecycle: warm-up then cosine decay of the learning rate, smoothed labels")
+                   "onecycle: NAdam, linear warm-up then linear decay of the learning rate, smoothed labels")
     p.add_argument("--seed", type=int, help="PRNG seed for initialisation and data order (default 0)")
     p.add_argument("--train-examples", type=int, metavar="N",
                    help="train on the first N examples only, for quick checks (default: all 60,000)")

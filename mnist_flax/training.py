@@ -33,14 +33,16 @@ class Batch(NamedTuple):
     mask: jax.Array  # bool (B,): False marks padding in the epoch's last batch
 
 
-# The one-cycle recipe: warm up to PEAK_FACTOR x the learning rate over the first
-# WARMUP_FRACTION of the run, then anneal (cosine) to nearly zero by its last step.
-# It also smooths the labels (10% of the target spread over all classes), which keeps
-# the last layer from chasing overconfident logits in the high-rate phase. Per-seed
-# test accuracies are in the README; the values were chosen on seed 0..2 runs, with
-# nothing but the training set involved in training.
+# The one-cycle recipe: Adam with Nesterov momentum (NAdam); the learning rate rises
+# linearly from PEAK_FACTOR/25 to PEAK_FACTOR x the learning rate over the first
+# WARMUP_FRACTION of the run, then falls linearly to 1/FINAL_DIV of the peak by its last
+# step. It also smooths the labels (10% of the target spread over all classes), which
+# keeps the last layer from chasing overconfident logits in the high-rate phase. Chosen
+# on a validation split (the last 5,000 training images held out, 8 seeds): NAdam was
+# the one change that clearly helped; README has the per-seed test accuracies.
 ONECYCLE_PEAK_FACTOR = 4.0
 ONECYCLE_WARMUP_FRACTION = 0.25
+ONECYCLE_INITIAL_DIV = 25.0
 ONECYCLE_FINAL_DIV = 1e3
 ONECYCLE_LABEL_SMOOTHING = 0.1
 
@@ -49,9 +51,18 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
     if config.recipe == "seed":
         return optax.constant_schedule(config.learning_rate)
     total = config.epochs * config.steps_per_epoch()
-    return optax.cosine_onecycle_schedule(
-        transition_steps=total, peak_value=ONECYCLE_PEAK_FACTOR * config.learning_rate,
-        pct_start=ONECYCLE_WARMUP_FRACTION, final_div_factor=ONECYCLE_FINAL_DIV)
+    peak = ONECYCLE_PEAK_FACTOR * config.learning_rate
+    warmup = int(ONECYCLE_WARMUP_FRACTION * total)
+    return optax.join_schedules(
+        [optax.linear_schedule(peak / ONECYCLE_INITIAL_DIV, peak, warmup),
+         optax.linear_schedule(peak, peak / ONECYCLE_FINAL_DIV, total - warmup)],
+        boundaries=[warmup])
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """The original's Adam; NAdam for the one-cycle recipe (same state, so resume works alike)."""
+    adam = optax.nadam if config.recipe == "onecycle" else optax.adam
+    return adam(learning_rate_schedule(config))
 
 
 def create_train_state(key: jax.Array, config: TrainConfig, apply_fn: Callable = fast.apply) -> TrainState:
@@ -65,7 +76,7 @@ def create_train_state(key: jax.Array, config: TrainConfig, apply_fn: Callable =
         apply_fn=apply_fn,
         params=variables["params"],
         batch_stats=variables["batch_stats"],
-        tx=optax.adam(learning_rate_schedule(config)),
+        tx=make_optimizer(config),
         label_smoothing=ONECYCLE_LABEL_SMOOTHING if config.recipe == "onecycle" else 0.0,
     ).replace(step=jnp.zeros((), jnp.int32))  # an array from the start, so its type never changes
 

@@ -115,3 +115,27 @@ def test_evaluate_counts_correct_predictions(state):
     result = training.evaluate(variables, batch.images, wrong.astype(np.int32))
     assert result["correct"] == 0 and np.array(result["confusion_matrix"])[wrong[0], predicted[0]] >= 1
     assert all(a == 0 for a in result["per_class_accuracy"])
+
+
+def test_onecycle_schedule_rises_linearly_then_falls_to_the_final_rate():
+    config = TrainConfig(recipe="onecycle", train_examples=1280)  # 10 steps: 2 warm-up, 8 down
+    schedule = training.learning_rate_schedule(config)
+    peak = training.ONECYCLE_PEAK_FACTOR * config.learning_rate
+    rates = np.array([float(schedule(step)) for step in range(11)])
+    np.testing.assert_allclose(rates[[0, 1, 2]], [peak / 25, (peak / 25 + peak) / 2, peak], rtol=1e-5)
+    np.testing.assert_allclose(rates[10], peak / training.ONECYCLE_FINAL_DIV, rtol=1e-5)
+    assert np.all(np.diff(rates[2:]) < 0)
+    np.testing.assert_allclose(np.diff(rates[2:]), np.diff(rates[2:])[0], rtol=1e-4)  # a straight line
+
+
+@pytest.mark.parametrize("recipe, first_step_factor", [("seed", 1.0), ("onecycle", 1 + 0.9 / 1.9)])
+def test_first_update_is_adam_or_nadam(recipe, first_step_factor):
+    # Adam's first step moves each parameter by the rate (times the gradient's sign); NAdam's
+    # looks one momentum step ahead, 1 + b1 / (1 + b1) times as far.
+    config = TrainConfig(recipe=recipe)
+    params = {"w": np.zeros(3, np.float32)}
+    grads = {"w": np.array([0.5, -2.0, 1e-3], np.float32)}
+    optimizer = training.make_optimizer(config)
+    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    rate = float(training.learning_rate_schedule(config)(0))
+    chex.assert_trees_all_close(updates["w"], -rate * first_step_factor * np.sign(grads["w"]), rtol=1e-4)
