@@ -22,24 +22,26 @@ BATCH_AXIS = "batch"
 
 
 # mallopt(3) parameter numbers, from glibc's <malloc.h>.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
 
 def keep_freed_memory() -> bool:
-    """Makes glibc's malloc reuse freed large blocks instead of returning them to the kernel.
+    """Makes glibc's malloc keep freed large blocks mapped instead of returning them to the kernel.
 
     XLA:CPU allocates the temporaries of each call of a compiled program as one block (about
     38 MiB for the training step) and frees it after the call. glibc serves a block that large
-    with mmap, or from a per-thread heap that it unmaps as soon as it is empty, so every step
-    page-faulted the whole block back in: 8,900 page faults and 14 ms of kernel time per step
-    (docs/performance.md). One arena, a 64 MiB mmap threshold and a 1 GiB trim threshold keep
-    it mapped. Returns False where the C library has no mallopt (macOS) or ignores it (musl).
+    with mmap, or from a new per-thread heap that it unmaps as soon as it is empty, so every
+    step page-faulted the whole block back in: 8,900 page faults and 14 ms of kernel time per
+    step (docs/performance.md). A 64 MiB mmap threshold, a 1 GiB trim threshold and a 64 MiB
+    top pad (glibc keeps an emptied heap when the one before it has less room than that) keep
+    it mapped. A single arena would too, but its lock cost a quarter of the speed.
+    Returns False where the C library has no mallopt (macOS) or ignores it (musl).
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
-    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, 64 << 20), (_M_TRIM_THRESHOLD, 1 << 30))
+    settings = ((_M_MMAP_THRESHOLD, 64 << 20), (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 64 << 20))
     return all([mallopt(parameter, value) == 1 for parameter, value in settings])
 
 

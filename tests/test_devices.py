@@ -95,3 +95,49 @@ def test_compilation_cache_dir_from_environment(monkeypatch, tmp_path):
     monkeypatch.delenv(devices.COMPILATION_CACHE_ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert devices.default_compilation_cache_dir() == str(tmp_path / "mnist_flax" / "jax")
+
+
+PAGE_FAULTS_PER_STEP = """
+import resource, sys
+import jax, numpy as np
+from mnist_flax import devices, training
+from mnist_flax.config import TrainConfig
+if sys.argv[1] == "tuned":
+    devices.configure_runtime(0)
+state = training.create_train_state(jax.random.key(0), TrainConfig())
+rng = np.random.default_rng(0)
+batch = training.Batch(rng.integers(0, 256, (128, 28, 28, 1), dtype=np.uint8),
+                       rng.integers(0, 10, 128).astype(np.int32), np.ones(128, bool))
+for _ in range(5):  # compile and settle
+    state, metrics = training.jit_train_step(state, batch); float(metrics["loss_sum"])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    state, metrics = training.jit_train_step(state, batch); float(metrics["loss_sum"])
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
+"""
+
+
+def page_faults_per_step(mode: str) -> float:
+    result = subprocess.run([sys.executable, "-c", PAGE_FAULTS_PER_STEP, mode], cwd=HERE.parent,
+                            env={**os.environ, "PYTHONPATH": str(HERE.parent)}, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return float(result.stdout.split()[-1])
+
+
+def uses_glibc() -> bool:
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    except (ValueError, OSError, AttributeError):
+        return False
+
+
+@pytest.mark.skipif(not uses_glibc(), reason="the allocator settings are glibc's")
+def test_step_temporaries_stay_mapped():
+    # XLA allocates a step's ~38 MiB of temporaries afresh on every call; glibc would map them
+    # anew each time, page-faulting all 9,000 pages in again (docs/performance.md).
+    untuned = page_faults_per_step("default")
+    if untuned < 5_000:
+        pytest.skip(f"this jaxlib's step page-faults only {untuned:.0f} times untuned: nothing to show")
+    tuned = page_faults_per_step("tuned")
+    assert tuned < 500, f"{tuned} page faults per step with configure_runtime"
