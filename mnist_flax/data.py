@@ -239,8 +239,15 @@ def exclusive_prepare(builder: tfds.core.DatasetBuilder):
     `incomplete.*` directory is a dead one's (TFDS never removes those itself).
     """
     dataset_dir = Path(builder.data_dir).parent  # <data dir>/<dataset name>/<version>
-    dataset_dir.mkdir(parents=True, exist_ok=True)
-    with open(dataset_dir.parent / f".{builder.name}.lock", "a") as lock:
+    try:
+        dataset_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(dataset_dir.parent / f".{builder.name}.lock", "a")
+    except OSError:  # a read-only data dir: nothing gets prepared there, so nothing to serialise
+        lock = None
+    if lock is None:
+        yield
+        return
+    with lock:
         if fcntl is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
         for stale in dataset_dir.glob("incomplete.*"):

@@ -154,6 +154,18 @@ def test_concurrent_first_loads_all_succeed(tmp_path):
     assert [p.name for p in (tmp_path / "tfds" / "tiny_mnist").iterdir()] == ["1.0.0"]
 
 
+def test_prepared_data_loads_where_no_lock_can_be_taken(tmp_path):
+    # As in a read-only data dir (which root, running the tests, can still write to).
+    files = tiny_idx_set()
+    manual = write_set(tmp_path / "manual", files)
+    cls = tiny_builder_cls(files)
+    data.load_builder(cls(data_dir=tmp_path / "tfds", manual_dir=manual))
+    lock = tmp_path / "tfds" / ".tiny_mnist.lock"
+    lock.unlink()
+    lock.mkdir()  # open() on it fails with an OSError, as on a read-only file system
+    assert_arrays_equal(data.load_builder(cls(data_dir=tmp_path / "tfds", manual_dir=manual)), expected_arrays(files))
+
+
 def test_load_clears_what_a_killed_prepare_left(tmp_path):
     files = tiny_idx_set()
     stale = tmp_path / "tfds" / "tiny_mnist" / "incomplete.ABC123_1.0.0"
