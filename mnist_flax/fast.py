@@ -122,9 +122,8 @@ def _statistics(z, mask):
     return w, n, mean, var, lax.rsqrt(var + BN_EPSILON)
 
 
-def _normalisation_gradient(g, z, mean, inv_std, scale, w, n, sum_g, sum_g_normed):
+def _normalisation_gradient(g, normed, inv_std, scale, w, n, sum_g, sum_g_normed):
     """The textbook BatchNorm backward: d/dz from g, the gradient at the normalised output."""
-    normed = (z - mean) * inv_std
     w = 1.0 if w is None else w[:, None, None, None]
     return (scale * inv_std) * (g - w * (sum_g / n) - (w * normed) * (sum_g_normed / n))
 
@@ -142,7 +141,7 @@ def _bn_relu_backward(saved, cotangents):
     normed = (z - mean) * inv_std
     g = jnp.where(normed * scale + bias > 0, cotangents[0], 0.0)  # through the ReLU
     sum_g, sum_g_normed = jnp.sum(g, (0, 1, 2)), jnp.sum(g * normed, (0, 1, 2))
-    dz = _materialised(_normalisation_gradient(g, z, mean, inv_std, scale, w, n, sum_g, sum_g_normed))
+    dz = _materialised(_normalisation_gradient(g, normed, inv_std, scale, w, n, sum_g, sum_g_normed))
     return dz, sum_g_normed, sum_g, None  # the mask gets no gradient
 
 
@@ -186,7 +185,8 @@ def _bn_relu_pool_backward(saved, cotangents):
              [hit[1][0] & ~(hit[0][0] | hit[0][1]), ~(hit[0][0] | hit[0][1] | hit[1][0])]]
     routed = jnp.stack([jnp.stack([jnp.where(first[i][j], g, 0.0) for j in range(2)], axis=3)
                         for i in range(2)], axis=2).reshape(z.shape)
-    dz = _materialised(_normalisation_gradient(routed, z, mean, inv_std, scale, w, n, sum_g, sum_g_normed))
+    normed = (z - mean) * inv_std
+    dz = _materialised(_normalisation_gradient(routed, normed, inv_std, scale, w, n, sum_g, sum_g_normed))
     return dz, sum_g_normed, sum_g, None
 
 
