@@ -128,17 +128,20 @@ def replicate(tree, mesh: Mesh):
 
 
 def batch_sharder(mesh: Mesh):
-    """Host batch -> global arrays split along the batch axis (this process's part, on many hosts)."""
-    sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
-    if mesh.size == 1 and jax.process_count() == 1:
-        return lambda batch: batch  # one device: plain arrays, the same program as without a mesh
+    """Host batches stacked by step (steps, batch, ...) -> global arrays split along the batch axis.
 
-    def shard(batch: training.Batch) -> training.Batch:
-        rows = len(batch.labels)
+    On many hosts each process passes the whole global batch and places its own part.
+    """
+    sharding = NamedSharding(mesh, PartitionSpec(None, BATCH_AXIS))
+    if mesh.size == 1 and jax.process_count() == 1:
+        return lambda batches: batches  # one device: plain arrays, the same program as without a mesh
+
+    def shard(batches: training.Batch) -> training.Batch:
+        rows = batches.labels.shape[1]
         per_process = rows // jax.process_count()
         local = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
         return jax.tree.map(
-            lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)[local], (rows, *x.shape[1:])),
-            batch)
+            lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)[:, local], x.shape),
+            batches)
 
     return shard

@@ -7,6 +7,7 @@ says how many of the epoch's batches are done.
 """
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -55,6 +56,20 @@ class NonFiniteLoss(MnistFlaxError):
         self.step, self.state, self.position = step, state, position
 
 
+def _call_slots(step: int, batch: int, batches: int, steps_per_call: int) -> tuple[list[int], int, int]:
+    """For a call starting at global `step`, this epoch's `batch` of `batches`: the batch each
+    slot of the compiled program takes, the first active slot, and the number of active slots.
+
+    Calls cover global steps [k * steps_per_call, (k + 1) * steps_per_call), cut at epoch ends:
+    each step always runs in the same slot, so a resumed run repeats an uninterrupted one bit
+    for bit. Inactive slots repeat a neighbouring batch; their results are discarded.
+    """
+    first = step % steps_per_call
+    active = min(steps_per_call - first, batches - batch)
+    rows = [batch + min(max(slot - first, 0), active - 1) for slot in range(steps_per_call)]
+    return rows, first, active
+
+
 def run_epochs(
     state: training.TrainState,
     images: np.ndarray,
@@ -63,7 +78,8 @@ def run_epochs(
     epochs: int,
     batch_size: int,
     position: Position = Position(),
-    step_fn: Callable = training.jit_train_step,
+    steps_fn: Callable = training.jit_train_steps,
+    steps_per_call: int = training.STEPS_PER_CALL,
     on_step: Callable[[StepReport], None] = lambda report: None,
     on_epoch_end: Callable[[int, dict], None] = lambda epoch, metrics: None,
     should_pause: Callable[[training.TrainState, Position], bool] = lambda state, position: False,
@@ -71,26 +87,44 @@ def run_epochs(
 ) -> tuple[training.TrainState, Position, bool]:
     """Runs from `position` to the end of `epochs`; returns (state, position, finished).
 
-    After each step `should_pause(state, position)` may save and return True to
-    stop early (finished False): the caller saves, the loop stays pure of I/O.
-    `shard_batch` places each host batch on the devices (see devices.py).
+    `steps_fn(state, batches, active)` runs `steps_per_call` steps in one call (see
+    `training.train_steps`). `on_step` hears about every step; after each call
+    `should_pause(state, position)` may save and return True to stop early (finished
+    False): the caller saves, the loop stays pure of I/O. `shard_batch` places each
+    host batch, stacked by step, on the devices (see devices.py).
     """
+    step = int(state.step)  # counted here from now on: reading it back would wait for every call
     for epoch in range(position.epoch, epochs):
         order, mask = training.epoch_order(data_key, epoch, len(images), batch_size)
-        for b in range(position.batch, len(order)):
+        b = position.batch
+        while b < len(order):
             start = time.perf_counter()
-            batch = shard_batch(training.Batch(images[order[b]], labels[order[b]], mask[b]))
-            new_state, metrics = step_fn(state, batch)
-            loss_sum, correct, count = (float(v) for v in jax.device_get(
-                (metrics["loss_sum"], metrics["correct"], metrics["count"])))
-            if not np.isfinite(loss_sum):
-                raise NonFiniteLoss(int(state.step) + 1, state, position)
+            rows, first, count = _call_slots(step, b, len(order), steps_per_call)
+            active = np.arange(steps_per_call) - first
+            active = (active >= 0) & (active < count)
+            batches = shard_batch(training.Batch(images[order[rows]], labels[order[rows]], mask[rows]))
+            new_state, metrics = steps_fn(state, batches, active)
+            losses, corrects, counts = (np.asarray(v, np.float64)[first:first + count].tolist() for v in
+                                        jax.device_get((metrics["loss_sum"], metrics["correct"], metrics["count"])))
+            bad = [i for i, loss in enumerate(losses) if not math.isfinite(loss)]
+            if bad:
+                good = active & (np.arange(steps_per_call) < first + bad[0])
+                # The same program with the steps from the bad one on switched off: exactly the
+                # state an uninterrupted run had before that step.
+                last_good = steps_fn(state, batches, good)[0] if good.any() else state
+                for i in range(bad[0]):
+                    position = Position(epoch, b + i + 1, position.loss_sum + losses[i],
+                                        position.correct + corrects[i], position.count + counts[i])
+                raise NonFiniteLoss(step + bad[0] + 1, last_good, position)
             state = new_state
-            position = Position(epoch, b + 1, position.loss_sum + loss_sum, position.correct + correct,
-                                position.count + count)
-            on_step(StepReport(int(state.step), epoch, b + 1, len(order), loss_sum / count, correct / count,
-                               count / (time.perf_counter() - start), position))
-            if b + 1 == len(order):
+            seconds_per_step = (time.perf_counter() - start) / count
+            for i in range(count):
+                b, step = b + 1, step + 1
+                position = Position(epoch, b, position.loss_sum + losses[i], position.correct + corrects[i],
+                                    position.count + counts[i])
+                on_step(StepReport(step, epoch, b, len(order), losses[i] / counts[i], corrects[i] / counts[i],
+                                   counts[i] / seconds_per_step, position))
+            if b == len(order):
                 on_epoch_end(epoch, position.epoch_metrics())
                 position = Position(epoch + 1, 0)
             if should_pause(state, position):

@@ -4,7 +4,7 @@
                                [--recipe seed|onecycle] [--seed 0] [--output-dir artifacts]
                                [--manual-dir DIR] [--checkpoint-every N] [--resume DIR_OR_FILE]
 
-Ctrl-C (SIGINT) or SIGTERM finishes the current step, saves a resume state in the
+Ctrl-C (SIGINT) or SIGTERM finishes the current call (up to 4 steps), saves a resume state in the
 output directory and exits non-zero; `--resume` continues exactly where it stopped.
 """
 
@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder with the four MNIST IDX files, for machines without internet "
                         "(default: $MNIST_FLAX_MANUAL_DIR)")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
-                   help="also save the resume state every N steps (0: only when interrupted)")
+                   help="also save the resume state every N steps, at the end of the compiled call "
+                        "(of 4 steps) that reaches them (0: only when interrupted)")
     p.add_argument("--resume", metavar="DIR_OR_FILE", help="continue an interrupted run from its resume state")
     p.add_argument("--devices", type=int, default=0, metavar="N",
                    help="split each batch over N devices (on CPU: N host devices sharing the cores); "
@@ -176,10 +177,16 @@ def train(args, start: tuple, data, stop: "StopRequest") -> dict:
         epoch_metrics.update(metrics)
         epoch_start[0] = time.perf_counter()
 
+    saved_at = [int(state.step)]
+
     def should_pause(state, position):
-        every = args.checkpoint_every and int(state.step) % args.checkpoint_every == 0
-        if (stop.signal is not None or every) and primary:
+        # Called after each compiled call of training.STEPS_PER_CALL steps: save at the end of the
+        # call that reaches each multiple of --checkpoint-every.
+        step, every = int(state.step), args.checkpoint_every
+        due = every and step // every > saved_at[0] // every
+        if (stop.signal is not None or due) and primary:
             resume.save_resume_state(output_dir, state, position, config)
+            saved_at[0] = step
         return stop.signal is not None
 
     try:

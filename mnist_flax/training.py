@@ -140,8 +140,32 @@ def epoch_order(key: jax.Array, epoch: int, num_examples: int, batch_size: int) 
     return padded.reshape(steps, batch_size), mask.reshape(steps, batch_size)
 
 
-# Not donated: the loop keeps the state from before each step, to fall back on if the loss turns NaN.
+# Steps per compiled call of the training loop. XLA:CPU spends about 0.7 ms per call outside
+# the step's own work (waking its threads, the call's buffers, Python): four steps per call
+# train about 7% faster than one, for 1.7 s more compile time (docs/performance.md).
+STEPS_PER_CALL = 4
+
+
+def train_steps(state: TrainState, batches: Batch, active: jax.Array) -> tuple[TrainState, dict]:
+    """`len(active)` train_steps in one program, over batches stacked along a leading axis.
+
+    A step whose `active` entry is False leaves the state exactly as it was (the loop
+    uses them where a call starts or ends inside an epoch's first or last few steps);
+    its metrics are computed but meaningless. Metrics come back stacked, one per step.
+    """
+    per_step = []
+    for i in range(active.shape[0]):
+        new_state, metrics = train_step(state, jax.tree.map(lambda x: x[i], batches))
+        # A select per value, which XLA fuses into the optimiser's updates: 3% faster per step
+        # than a lax.cond over the state, for 1.4 s more compile time (docs/performance.md).
+        state = jax.tree.map(lambda new, old: jnp.where(active[i], new, old), new_state, state)
+        per_step.append(metrics)
+    return state, jax.tree.map(lambda *m: jnp.stack(m), *per_step)
+
+
+# Not donated: the loop keeps the state from before each call, to fall back on if the loss turns NaN.
 jit_train_step = jax.jit(train_step)
+jit_train_steps = jax.jit(train_steps)
 
 
 @jax.jit

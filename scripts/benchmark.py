@@ -4,10 +4,13 @@
     python ../shared/bench/torch_seed.py --steps 100      # the PyTorch original, same machine
 
 Times `--steps` steady-state training steps of batch 128 after warm-up and
-compilation, exactly as `python -m mnist_flax.train` runs them (the same step
-function, host-side batch gather, per-step metrics fetch), then the test-set
-evaluation. Prints one JSON line; `images_per_second`, `seconds`, `timed_steps`
-and `params` mean the same as in torch_seed.py's output.
+compilation, exactly as `python -m mnist_flax.train` runs them (the same compiled
+calls of several steps, host-side batch gather, metrics fetch and NaN check after
+each call), then the test-set evaluation. The timed window runs from the end of the
+call holding step `--warmup` to the end of the call holding `--warmup + --steps`;
+`timed_steps` is the number of steps in it. Prints one JSON line;
+`images_per_second`, `seconds`, `timed_steps` and `params` mean the same as in
+torch_seed.py's output.
 """
 
 import argparse
@@ -28,6 +31,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (the first one compiles)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--devices", type=int, default=0, help="devices to split each batch over (0: the default)")
+    p.add_argument("--steps-per-call", type=int, default=None,
+                   help="training steps per compiled call (default: the training loop's, 4)")
     p.add_argument("--plain", action="store_true", help="the linen module's apply instead of mnist_flax.fast")
     p.add_argument("--manual-dir", default=None, help="folder with the MNIST IDX files")
     p.add_argument("--data-dir", default=None, help="TFDS data directory")
@@ -46,7 +51,7 @@ def main() -> None:
     init_key, data_key = jax.random.split(jax.random.key(config.seed))
     apply_fn = SeedNet().apply if a.plain else fast.apply
     state = mnist_devices.replicate(training.create_train_state(init_key, config, apply_fn), mesh)
-    step_fn = training.jit_train_step
+    steps_per_call = a.steps_per_call or training.STEPS_PER_CALL
     steps = a.warmup + a.steps
     images, labels = data.train_images, data.train_labels
     marks = {}
@@ -56,11 +61,17 @@ def main() -> None:
 
     start = time.perf_counter()
     # The loop pauses after `steps` steps: exactly the training loop's own per-step work.
-    state, _, _ = loop.run_epochs(state, images, labels, data_key, 1, config.batch_size, step_fn=step_fn,
-                                  on_step=on_step, should_pause=lambda s, pos: int(s.step) >= steps,
+    state, _, _ = loop.run_epochs(state, images, labels, data_key, 1, config.batch_size,
+                                  steps_per_call=steps_per_call, on_step=on_step,
+                                  should_pause=lambda s, pos: int(s.step) >= steps,
                                   shard_batch=mnist_devices.batch_sharder(mesh))
-    compile_seconds = marks[1] - start
-    timed = marks[steps] - marks[a.warmup]
+    compile_seconds = marks[1] - start  # the first call: compilation plus its steps
+
+    def call_end(step):  # the last step of the call that holds `step`: calls start at multiples
+        return min(-(-step // steps_per_call) * steps_per_call, config.steps_per_epoch())
+
+    timed_steps = call_end(steps) - call_end(a.warmup)
+    timed = marks[call_end(steps)] - marks[call_end(a.warmup)]
 
     variables = training.model_variables(state)
     training.evaluate(variables, data.test_images, data.test_labels)  # compile
@@ -73,9 +84,10 @@ def main() -> None:
         "jax": jax.__version__,
         "devices": len(mesh.devices.flat),
         "backend": jax.default_backend(),
-        "timed_steps": a.steps,
+        "timed_steps": timed_steps,
+        "steps_per_call": steps_per_call,
         "seconds": round(timed, 3),
-        "images_per_second": round(a.steps * config.batch_size / timed, 1),
+        "images_per_second": round(timed_steps * config.batch_size / timed, 1),
         "compile_seconds": round(compile_seconds, 3),
         "eval_images_per_second": round(len(data.test_images) / eval_seconds, 1),
         "params": count_params(state.params),

@@ -93,7 +93,7 @@ def test_train_epoch_on_tiny_data_is_reproducible(state):
     def run():
         metrics = {}
         final, _, _ = loop.run_epochs(state, batch.images, batch.labels, jax.random.key(3), 1, batch_size=8,
-                                      step_fn=jax.jit(training.train_step),
+                                      steps_fn=jax.jit(training.train_steps),
                                       on_epoch_end=lambda epoch, m: metrics.update(m))
         return final, metrics
 
@@ -139,3 +139,51 @@ def test_first_update_is_adam_or_nadam(recipe, first_step_factor):
     updates, _ = optimizer.update(grads, optimizer.init(params), params)
     rate = float(training.learning_rate_schedule(config)(0))
     chex.assert_trees_all_close(updates["w"], -rate * first_step_factor * np.sign(grads["w"]), rtol=1e-4)
+
+
+def stacked(batches):
+    return jax.tree.map(lambda *x: np.stack(x), *batches)
+
+
+def test_train_steps_runs_the_active_steps_and_leaves_the_state_alone_elsewhere(state):
+    batches = [fixed_batch(seed=i, size=16) for i in range(4)]
+    steps = jax.jit(training.train_steps)
+    untouched, _ = steps(state, stacked(batches), np.zeros(4, bool))
+    chex.assert_trees_all_equal(untouched, state)
+    # Slots 1 and 2 active: the same two steps as one at a time (another program: float32 rounding).
+    middle, metrics = steps(state, stacked(batches), np.array([False, True, True, False]))
+    one_by_one = state
+    for batch in batches[1:3]:
+        one_by_one, last = jax.jit(training.train_step)(one_by_one, batch)
+    assert int(middle.step) == int(state.step) + 2
+    chex.assert_trees_all_close(middle.params, one_by_one.params, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(metrics["loss_sum"][2], last["loss_sum"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("step, batch, batches, expected", [
+    (0, 0, 10, ([0, 1, 2, 3], 0, 4)),
+    (6, 6, 10, ([6, 6, 6, 7], 2, 2)),  # resumed mid-call: the steps keep their slots
+    (8, 8, 10, ([8, 9, 9, 9], 0, 2)),  # the epoch's end cuts the call
+    (10, 0, 10, ([0, 0, 0, 1], 2, 2)),  # the next epoch starts mid-call, in step order
+])
+def test_calls_align_to_global_steps(step, batch, batches, expected):
+    assert loop._call_slots(step, batch, batches, 4) == expected
+
+
+def test_nan_in_the_middle_of_a_call_falls_back_to_the_state_before_that_step():
+    """The loop's NaN guard is exact whatever step of a call the loss blows up in."""
+    batch = fixed_batch(size=64)
+    state = training.create_train_state(jax.random.key(0), TrainConfig(learning_rate=1e30))
+
+    def blow_up(steps_per_call):
+        with pytest.raises(loop.NonFiniteLoss) as caught:
+            loop.run_epochs(state, batch.images, batch.labels, jax.random.key(3), 1, batch_size=8,
+                            steps_per_call=steps_per_call)
+        return caught.value
+
+    grouped, single = blow_up(4), blow_up(1)
+    assert 1 < grouped.step < 8 and grouped.step % 4 != 1  # not at a call's first step
+    assert (grouped.step, grouped.position) == (single.step, single.position)
+    assert int(grouped.state.step) == grouped.step - 1
+    chex.assert_tree_all_finite(grouped.state.params)
+    chex.assert_trees_all_close(grouped.state.params, single.state.params, rtol=1e-5)
