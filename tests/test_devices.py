@@ -97,7 +97,7 @@ def test_compilation_cache_dir_from_environment(monkeypatch, tmp_path):
     assert devices.default_compilation_cache_dir() == str(tmp_path / "mnist_flax" / "jax")
 
 
-PAGE_FAULTS_PER_STEP = """
+PAGE_FAULTS_PER_CALL = """
 import resource, sys
 import jax, numpy as np
 from mnist_flax import devices, training
@@ -105,20 +105,22 @@ from mnist_flax.config import TrainConfig
 if sys.argv[1] == "tuned":
     devices.configure_runtime(0)
 state = training.create_train_state(jax.random.key(0), TrainConfig())
+k = training.STEPS_PER_CALL  # the program the training loop runs
 rng = np.random.default_rng(0)
-batch = training.Batch(rng.integers(0, 256, (128, 28, 28, 1), dtype=np.uint8),
-                       rng.integers(0, 10, 128).astype(np.int32), np.ones(128, bool))
-for _ in range(5):  # compile and settle
-    state, metrics = training.jit_train_step(state, batch); float(metrics["loss_sum"])
+batches = training.Batch(rng.integers(0, 256, (k, 128, 28, 28, 1), dtype=np.uint8),
+                         rng.integers(0, 10, (k, 128)).astype(np.int32), np.ones((k, 128), bool))
+active = np.ones(k, bool)
+for _ in range(3):  # compile and settle
+    state, metrics = training.jit_train_steps(state, batches, active); jax.device_get(metrics)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):
-    state, metrics = training.jit_train_step(state, batch); float(metrics["loss_sum"])
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
+for _ in range(10):
+    state, metrics = training.jit_train_steps(state, batches, active); jax.device_get(metrics)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
 """
 
 
-def page_faults_per_step(mode: str) -> float:
-    result = subprocess.run([sys.executable, "-c", PAGE_FAULTS_PER_STEP, mode], cwd=HERE.parent,
+def page_faults_per_call(mode: str) -> float:
+    result = subprocess.run([sys.executable, "-c", PAGE_FAULTS_PER_CALL, mode], cwd=HERE.parent,
                             env={**os.environ, "PYTHONPATH": str(HERE.parent)}, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -134,12 +136,12 @@ def uses_glibc() -> bool:
 
 @pytest.mark.skipif(not uses_glibc(), reason="the allocator settings are glibc's")
 def test_step_temporaries_stay_mapped():
-    # XLA allocates a step's ~38 MiB of temporaries afresh on every call; glibc would map them
-    # anew each time, page-faulting all 9,000 pages in again (docs/performance.md).
-    untuned = page_faults_per_step("default")
+    # XLA allocates a call's ~39 MiB of temporaries afresh on every call; glibc would map them
+    # anew each time, page-faulting all 9,000+ pages in again (docs/performance.md).
+    untuned = page_faults_per_call("default")
     if untuned < 5_000:
-        pytest.skip(f"this jaxlib's step page-faults only {untuned:.0f} times untuned: nothing to show")
-    tuned = page_faults_per_step("tuned")
-    # Usually 0-130; about one process in six still faults ~960 times a step (4 MiB, not the
-    # block: other allocations churn), so the bound is relative to the untuned count.
-    assert tuned < untuned / 4, f"{tuned} page faults per step with configure_runtime"
+        pytest.skip(f"this jaxlib's training call page-faults only {untuned:.0f} times untuned: nothing to show")
+    tuned = page_faults_per_call("tuned")
+    # Usually under 100; some processes still fault ~1,000 times a call (other
+    # allocations churn, not the block), so the bound is relative to the untuned count.
+    assert tuned < untuned / 4, f"{tuned} page faults per call with configure_runtime"
