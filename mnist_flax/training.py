@@ -140,9 +140,10 @@ def epoch_order(key: jax.Array, epoch: int, num_examples: int, batch_size: int) 
     return padded.reshape(steps, batch_size), mask.reshape(steps, batch_size)
 
 
-# Steps per compiled call of the training loop. XLA:CPU spends about 0.7 ms per call outside
-# the step's own work (waking its threads, the call's buffers, Python): four steps per call
-# train about 7% faster than one, for 1.7 s more compile time (docs/performance.md).
+# Steps per compiled call of the training loop. XLA:CPU spends about 1 ms per call outside
+# the step's own work (waking its threads, the call's buffers, Python): through the loop, four
+# steps per call train 11% faster than one, for about 3.5 s more compile time on a first run
+# (docs/performance.md, "Fourth round").
 STEPS_PER_CALL = 4
 
 

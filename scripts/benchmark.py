@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mnist_flax import devices as mnist_devices  # noqa: E402
+from mnist_flax.config import TrainConfig  # noqa: E402
 
 
 def main() -> None:
@@ -37,11 +38,15 @@ def main() -> None:
     p.add_argument("--manual-dir", default=None, help="folder with the MNIST IDX files")
     p.add_argument("--data-dir", default=None, help="TFDS data directory")
     a = p.parse_args()
+    if a.steps < 1 or a.warmup < 1 or (a.steps_per_call is not None and a.steps_per_call < 1):
+        p.error("--steps, --warmup and --steps-per-call must be at least 1")
+    if a.warmup + a.steps > TrainConfig(batch_size=a.batch_size).steps_per_epoch():
+        p.error(f"--warmup + --steps must fit in one epoch "
+                f"({TrainConfig(batch_size=a.batch_size).steps_per_epoch()} steps of {a.batch_size})")
     mnist_devices.configure_runtime(a.devices)  # before JAX computes anything
 
     import jax
     from mnist_flax import fast, loop, training
-    from mnist_flax.config import TrainConfig
     from mnist_flax.data import load_mnist
     from mnist_flax.model import SeedNet, count_params
 
