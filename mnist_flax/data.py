@@ -243,8 +243,6 @@ def exclusive_prepare(builder: tfds.core.DatasetBuilder):
         dataset_dir.mkdir(parents=True, exist_ok=True)
         lock = open(dataset_dir.parent / f".{builder.name}.lock", "a")
     except OSError:  # a read-only data dir: nothing gets prepared there, so nothing to serialise
-        lock = None
-    if lock is None:
         yield
         return
     with lock:

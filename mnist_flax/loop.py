@@ -100,15 +100,15 @@ def run_epochs(
         while b < len(order):
             start = time.perf_counter()
             rows, first, count = _call_slots(step, b, len(order), steps_per_call)
-            active = np.arange(steps_per_call) - first
-            active = (active >= 0) & (active < count)
+            slots = np.arange(steps_per_call)
+            active = (slots >= first) & (slots < first + count)
             batches = shard_batch(training.Batch(images[order[rows]], labels[order[rows]], mask[rows]))
             new_state, metrics = steps_fn(state, batches, active)
             losses, corrects, counts = (np.asarray(v, np.float64)[first:first + count].tolist() for v in
                                         jax.device_get((metrics["loss_sum"], metrics["correct"], metrics["count"])))
             bad = [i for i, loss in enumerate(losses) if not math.isfinite(loss)]
             if bad:
-                good = active & (np.arange(steps_per_call) < first + bad[0])
+                good = active & (slots < first + bad[0])
                 # The same program with the steps from the bad one on switched off: exactly the
                 # state an uninterrupted run had before that step.
                 last_good = steps_fn(state, batches, good)[0] if good.any() else state
