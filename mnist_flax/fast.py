@@ -160,6 +160,12 @@ def _windows(x: jax.Array) -> jax.Array:
     return x.reshape(n, h // 2, 2, w // 2, 2, c)
 
 
+def _first_max_slot(windows: jax.Array, chosen: jax.Array) -> jax.Array:
+    """For each 2x2 window, the slot (0-3, row-major) of the first position equal to chosen."""
+    hit = [windows[:, :, i, :, j] == chosen for i in range(2) for j in range(2)]
+    return jnp.where(hit[0], 0, jnp.where(hit[1], 1, jnp.where(hit[2], 2, 3)))
+
+
 def _bn_relu_pool_forward(z, scale, bias, mask):
     w, n, mean, var, inv_std = _statistics(z, mask)
     factor = scale * inv_std
@@ -178,13 +184,13 @@ def _bn_relu_pool_backward(saved, cotangents):
     g = jnp.where((chosen - mean) * factor + bias > 0, cotangents[0], 0.0)  # through the ReLU
     sum_g, sum_g_normed = jnp.sum(g, (0, 1, 2)), jnp.sum(g * ((chosen - mean) * inv_std), (0, 1, 2))
     # Each window's gradient goes to the first position holding the pooled value, where
-    # max-pooling sends it (XLA's select_and_scatter, PyTorch's max_pool2d).
+    # max-pooling sends it (XLA's select_and_scatter, PyTorch's max_pool2d). Selecting by
+    # slot number keeps this one elementwise expression that XLA fuses into dz's pass;
+    # building the four slots and concatenating them cost a full extra pass.
     windows = _windows(z)
-    hit = [[windows[:, :, i, :, j] == chosen for j in range(2)] for i in range(2)]
-    first = [[hit[0][0], hit[0][1] & ~hit[0][0]],
-             [hit[1][0] & ~(hit[0][0] | hit[0][1]), ~(hit[0][0] | hit[0][1] | hit[1][0])]]
-    routed = jnp.stack([jnp.stack([jnp.where(first[i][j], g, 0.0) for j in range(2)], axis=3)
-                        for i in range(2)], axis=2).reshape(z.shape)
+    slot = jnp.arange(4).reshape(1, 1, 2, 1, 2, 1)  # 2 * row + column, on the windows' axes
+    first = _first_max_slot(windows, chosen)[:, :, None, :, None, :]
+    routed = jnp.where(slot == first, g[:, :, None, :, None, :], 0.0).reshape(z.shape)
     normed = (z - mean) * inv_std
     dz = _materialised(_normalisation_gradient(routed, normed, inv_std, scale, w, n, sum_g, sum_g_normed))
     return dz, sum_g_normed, sum_g, None
