@@ -22,9 +22,9 @@ expressed the way XLA on CPU runs fastest (measurements: docs/performance.md):
   so it only enters the running mean. Its gradient is zero in exact arithmetic, and
   zero here; the linen module's is float32 rounding noise, which Adam turns into small
   steps of a bias that changes nothing but that running mean;
-* the inputs of the multi-channel convolutions and the gradients leaving BatchNorm
-  written to memory once (`_materialised`), so that XLA does not recompute them,
-  transposed, inside the weight gradients.
+* the BatchNorm+ReLU outputs (the next convolution's input) and the gradients leaving
+  BatchNorm computed once into memory (`_computed_once`), so that XLA does not recompute
+  them, transposed, inside the weight gradients.
 
 It is a drop-in `apply_fn` for the train state; evaluation and export keep
 using the readable linen module.
@@ -37,18 +37,20 @@ from jax import lax
 from mnist_flax.model import BN_EPSILON, BN_MOMENTUM, CONV_LAYERS, POOL_AFTER, check_images, normalize
 
 
-def _materialised(x: jax.Array) -> jax.Array:
-    """x, written to memory once, where its consumers read it.
+def _computed_once(fn, *args) -> jax.Array:
+    """fn(*args), written to memory once, where its consumers read it.
 
-    XLA:CPU otherwise recomputes x's chain of elementwise producers inside each consumer,
+    XLA:CPU otherwise recomputes fn's chain of elementwise operations inside each consumer,
     and for the transposed copies that the weight gradients need it runs that chain in a
     cache-hostile order (1.2 ms instead of 0.2 for conv2's input). XLA fuses nothing across
     a conditional; `lax.optimization_barrier` does not stop the fusion (XLA:CPU removes
     barriers first). The predicate is true for every float, NaN included, but XLA cannot
-    prove it, so the conditional stays and the other branch never runs.
+    prove it, so the conditional stays and the other branch never runs. fn runs inside the
+    branch: passing a finished value through would cost a copy of it.
     """
-    first = x.ravel()[0]
-    return lax.cond((first == first) | (first != first), lambda a: a, jnp.zeros_like, x)
+    first = args[0].ravel()[0]
+    out = jax.eval_shape(fn, *args)
+    return lax.cond((first == first) | (first != first), fn, lambda *_: jnp.zeros(out.shape, out.dtype), *args)
 
 
 def _lax_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -71,8 +73,6 @@ def _conv_input_gradient(kernel: jax.Array, dz: jax.Array) -> jax.Array:
 
 
 def _conv_forward(x, kernel):
-    if x.shape[-1] > 1:  # the weight gradient reads it again, transposed
-        x = _materialised(x)
     y = _single_channel_conv(x, kernel) if x.shape[-1] == 1 else _lax_conv(x, kernel)
     return y, (x, kernel)
 
@@ -122,15 +122,21 @@ def _statistics(z, mask):
     return w, n, mean, var, lax.rsqrt(var + BN_EPSILON)
 
 
-def _normalisation_gradient(g, normed, inv_std, scale, w, n, sum_g, sum_g_normed):
+def _bn_relu(z, mean, factor, bias):
+    return jnp.maximum((z - mean) * factor + bias, 0.0)
+
+
+def _normalisation_gradient(g, z, mean, inv_std, scale, w, n, sum_g, sum_g_normed):
     """The textbook BatchNorm backward: d/dz from g, the gradient at the normalised output."""
     w = 1.0 if w is None else w[:, None, None, None]
+    normed = (z - mean) * inv_std
     return (scale * inv_std) * (g - w * (sum_g / n) - (w * normed) * (sum_g_normed / n))
 
 
 def _bn_relu_forward(z, scale, bias, mask):
     w, n, mean, var, inv_std = _statistics(z, mask)
-    y = jnp.maximum((z - mean) * (scale * inv_std) + bias, 0.0)
+    # y is the next convolution's input, which its weight gradient reads again, transposed.
+    y = _computed_once(_bn_relu, z, mean, scale * inv_std, bias)
     return (y, mean, var), (z, mean, inv_std, scale, bias, w, n)
 
 
@@ -141,7 +147,7 @@ def _bn_relu_backward(saved, cotangents):
     normed = (z - mean) * inv_std
     g = jnp.where(normed * scale + bias > 0, cotangents[0], 0.0)  # through the ReLU
     sum_g, sum_g_normed = jnp.sum(g, (0, 1, 2)), jnp.sum(g * normed, (0, 1, 2))
-    dz = _materialised(_normalisation_gradient(g, normed, inv_std, scale, w, n, sum_g, sum_g_normed))
+    dz = _computed_once(_normalisation_gradient, g, z, mean, inv_std, scale, w, n, sum_g, sum_g_normed)
     return dz, sum_g_normed, sum_g, None  # the mask gets no gradient
 
 
@@ -174,8 +180,20 @@ def _bn_relu_pool_forward(z, scale, bias, mask):
     # full-size activation is never written.
     windows = _windows(z)
     chosen = jnp.where(factor >= 0, windows.max(axis=(2, 4)), windows.min(axis=(2, 4)))
-    y = jnp.maximum((chosen - mean) * factor + bias, 0.0)
+    y = _computed_once(_bn_relu, chosen, mean, factor, bias)
     return (y, mean, var), (z, chosen, mean, inv_std, scale, bias, w, n)
+
+
+def _pooled_normalisation_gradient(g, z, chosen, mean, inv_std, scale, w, n, sum_g, sum_g_normed):
+    """`_normalisation_gradient` with g, given per pooling window, routed to the window's position."""
+    # Each window's gradient goes to the first position holding the pooled value, where
+    # max-pooling sends it (XLA's select_and_scatter, PyTorch's max_pool2d). Selecting by
+    # slot number keeps this one elementwise expression that XLA fuses into dz's pass;
+    # building the four slots and concatenating them cost a full extra pass.
+    slot = jnp.arange(4).reshape(1, 1, 2, 1, 2, 1)  # 2 * row + column, on the windows' axes
+    first = _first_max_slot(_windows(z), chosen)[:, :, None, :, None, :]
+    routed = jnp.where(slot == first, g[:, :, None, :, None, :], 0.0).reshape(z.shape)
+    return _normalisation_gradient(routed, z, mean, inv_std, scale, w, n, sum_g, sum_g_normed)
 
 
 def _bn_relu_pool_backward(saved, cotangents):
@@ -183,16 +201,7 @@ def _bn_relu_pool_backward(saved, cotangents):
     factor = scale * inv_std
     g = jnp.where((chosen - mean) * factor + bias > 0, cotangents[0], 0.0)  # through the ReLU
     sum_g, sum_g_normed = jnp.sum(g, (0, 1, 2)), jnp.sum(g * ((chosen - mean) * inv_std), (0, 1, 2))
-    # Each window's gradient goes to the first position holding the pooled value, where
-    # max-pooling sends it (XLA's select_and_scatter, PyTorch's max_pool2d). Selecting by
-    # slot number keeps this one elementwise expression that XLA fuses into dz's pass;
-    # building the four slots and concatenating them cost a full extra pass.
-    windows = _windows(z)
-    slot = jnp.arange(4).reshape(1, 1, 2, 1, 2, 1)  # 2 * row + column, on the windows' axes
-    first = _first_max_slot(windows, chosen)[:, :, None, :, None, :]
-    routed = jnp.where(slot == first, g[:, :, None, :, None, :], 0.0).reshape(z.shape)
-    normed = (z - mean) * inv_std
-    dz = _materialised(_normalisation_gradient(routed, normed, inv_std, scale, w, n, sum_g, sum_g_normed))
+    dz = _computed_once(_pooled_normalisation_gradient, g, z, chosen, mean, inv_std, scale, w, n, sum_g, sum_g_normed)
     return dz, sum_g_normed, sum_g, None
 
 
