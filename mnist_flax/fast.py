@@ -6,8 +6,9 @@ expressed the way XLA on CPU runs fastest (measurements: docs/performance.md):
 * max-pool as reshape + max: `nn.max_pool` lowers to reduce_window, whose
   gradient (select_and_scatter) is several times slower on CPU; in training it
   is folded into the BatchNorm+ReLU before it, which pools the conv output
-  (exactly: the map is monotone) so that the full-size activation is never
-  written, and routes each window's gradient to its first maximum as PyTorch does;
+  (exactly: the map is monotone, and made rising by negating the channels with a
+  negative scale) so that the full-size activation is never written, and routes
+  each window's gradient to its first maximum as PyTorch does;
 * BatchNorm (training mode) and ReLU as one `jax.custom_vjp` with the
   textbook backward pass: two reductions and one elementwise pass, where
   autodiff of the forward emits many more passes over the activations, and
@@ -122,6 +123,11 @@ def _statistics(z, mask):
     return w, n, mean, var, lax.rsqrt(var + BN_EPSILON)
 
 
+def _unbiased(var, n):
+    """PyTorch's running variance takes the unbiased batch variance."""
+    return var * n / jnp.maximum(n - 1, 1)
+
+
 def _bn_relu(z, mean, factor, bias):
     return jnp.maximum((z - mean) * factor + bias, 0.0)
 
@@ -137,7 +143,7 @@ def _bn_relu_forward(z, scale, bias, mask):
     w, n, mean, var, inv_std = _statistics(z, mask)
     # y is the next convolution's input, which its weight gradient reads again, transposed.
     y = _computed_once(_bn_relu, z, mean, scale * inv_std, bias)
-    return (y, mean, var), (z, mean, inv_std, scale, bias, w, n)
+    return (y, mean, _unbiased(var, n)), (z, mean, inv_std, scale, bias, w, n)
 
 
 def _bn_relu_backward(saved, cotangents):
@@ -153,7 +159,7 @@ def _bn_relu_backward(saved, cotangents):
 
 @jax.custom_vjp
 def bn_relu_train(z, scale, bias, mask):
-    """relu(batch_norm(z)) over the real examples, plus the batch mean and biased variance."""
+    """relu(batch_norm(z)) over the real examples, plus the batch mean and unbiased variance."""
     return _bn_relu_forward(z, scale, bias, mask)[0]
 
 
@@ -175,13 +181,11 @@ def _first_max_slot(windows: jax.Array, chosen: jax.Array) -> jax.Array:
 def _bn_relu_pool_forward(z, scale, bias, mask):
     w, n, mean, var, inv_std = _statistics(z, mask)
     factor = scale * inv_std
-    # relu((z - mean) * factor + bias) rises with z where factor >= 0 and falls elsewhere,
-    # and so does each rounded step of it: pooling z first (max or min) is exact, and the
-    # full-size activation is never written.
-    windows = _windows(z)
-    chosen = jnp.where(factor >= 0, windows.max(axis=(2, 4)), windows.min(axis=(2, 4)))
+    # relu((z - mean) * factor + bias) rises with z (scale >= 0), and so does each rounded
+    # step of it: pooling z first is exact, and the full-size activation is never written.
+    chosen = _windows(z).max(axis=(2, 4))
     y = _computed_once(_bn_relu, chosen, mean, factor, bias)
-    return (y, mean, var), (z, chosen, mean, inv_std, scale, bias, w, n)
+    return (y, mean, _unbiased(var, n)), (z, chosen, mean, inv_std, scale, bias, w, n)
 
 
 def _pooled_normalisation_gradient(g, z, chosen, mean, inv_std, scale, w, n, sum_g, sum_g_normed):
@@ -207,11 +211,27 @@ def _bn_relu_pool_backward(saved, cotangents):
 
 @jax.custom_vjp
 def bn_relu_pool_train(z, scale, bias, mask):
-    """max_pool_2x2(relu(batch_norm(z))) over the real examples, plus the batch mean and biased variance."""
+    """max_pool_2x2(relu(batch_norm(z))) over the real examples, plus the batch mean and unbiased
+    variance. For scale >= 0 only: `conv_bn_relu_pool_train` negates the channels where it is not.
+    """
     return _bn_relu_pool_forward(z, scale, bias, mask)[0]
 
 
 bn_relu_pool_train.defvjp(_bn_relu_pool_forward, _bn_relu_pool_backward)
+
+
+def conv_bn_relu_pool_train(x, kernel, scale, bias, mask):
+    """bn_relu_pool_train(conv(x, kernel), scale, bias, mask), for any sign of scale.
+
+    Channels whose scale is negative are computed negated: kernel and scale times -1,
+    which is exact in floating point, as is every step after it (the batch statistics, the
+    pooling, both products in the normalisation, and their gradients). BatchNorm+ReLU then
+    rises with z in every channel, and pooling takes one maximum instead of a maximum and a
+    minimum. The negated channels' batch mean is negated back.
+    """
+    sign = jnp.where(scale >= 0, 1.0, -1.0)
+    y, mean, var = bn_relu_pool_train(conv(x, kernel * sign), scale * sign, bias, mask)
+    return y, mean * sign, var
 
 
 def _max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -226,23 +246,22 @@ def apply(variables: dict, images: jax.Array, *, train: bool, mask: jax.Array | 
     x = normalize(images)
     new_stats = {}
     for i in range(1, len(CONV_LAYERS) + 1):
-        z, conv_bias = conv(x, params[f"conv{i}"]["kernel"]), params[f"conv{i}"]["bias"]
+        kernel, conv_bias = params[f"conv{i}"]["kernel"], params[f"conv{i}"]["bias"]
         bn, running = params[f"bn{i}"], stats[f"bn{i}"]
-        if train:
-            # Training-mode BatchNorm subtracts the batch mean, so the conv bias cancels
-            # exactly (and its gradient is exactly zero): it is left out of z and added back
-            # where it survives, in the running mean.
-            pooled = i == POOL_AFTER
-            x, mean, var = (bn_relu_pool_train if pooled else bn_relu_train)(z, bn["scale"], bn["bias"], mask)
-            n = _weights(z, mask)[1]
-            unbiased = var * n / jnp.maximum(n - 1, 1)  # PyTorch's running variance
-            new_stats[f"bn{i}"] = jax.tree.map(
-                lambda old, new: BN_MOMENTUM * old + (1 - BN_MOMENTUM) * lax.stop_gradient(new),
-                running, {"mean": mean + conv_bias, "var": unbiased})
-        else:
+        if not train:
             inv_std = lax.rsqrt(running["var"] + BN_EPSILON)
-            x = jnp.maximum((z + conv_bias - running["mean"]) * (bn["scale"] * inv_std) + bn["bias"], 0.0)
-        if i == POOL_AFTER and not train:  # in training, bn_relu_pool_train pooled already
-            x = _max_pool_2x2(x)
+            x = jnp.maximum((conv(x, kernel) + conv_bias - running["mean"]) * (bn["scale"] * inv_std) + bn["bias"], 0.0)
+            x = _max_pool_2x2(x) if i == POOL_AFTER else x
+            continue
+        # Training-mode BatchNorm subtracts the batch mean, so the conv bias cancels exactly
+        # (and its gradient is exactly zero): it is left out of z and added back where it
+        # survives, in the running mean.
+        if i == POOL_AFTER:
+            x, mean, var = conv_bn_relu_pool_train(x, kernel, bn["scale"], bn["bias"], mask)
+        else:
+            x, mean, var = bn_relu_train(conv(x, kernel), bn["scale"], bn["bias"], mask)
+        new_stats[f"bn{i}"] = jax.tree.map(
+            lambda old, new: BN_MOMENTUM * old + (1 - BN_MOMENTUM) * lax.stop_gradient(new),
+            running, {"mean": mean + conv_bias, "var": var})
     logits = x.reshape(x.shape[0], -1) @ params["fc"]["kernel"] + params["fc"]["bias"]
     return (logits, {"batch_stats": new_stats if train else stats}) if mutable else logits

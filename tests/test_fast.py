@@ -158,11 +158,15 @@ def test_pooling_routes_ties_like_max_pool(sign):
             y = jnp.maximum((z - mean) * (scale * jax.lax.rsqrt(var + 1e-5)) + bias, 0.0)
             return nn.max_pool(y, (2, 2), strides=(2, 2))
 
-        def fused(z, scale, bias):
-            return fast.bn_relu_pool_train(z, scale, bias, mask)[0]
+        def fused(z, scale, bias):  # through an identity 1x1 convolution, which negates falling channels
+            return fast.conv_bn_relu_pool_train(z, jnp.eye(3).reshape(1, 1, 3, 3), scale, bias, mask)[0]
 
         expected, expected_vjp = jax.vjp(reference, z, scale, bias)
         actual, actual_vjp = jax.vjp(fused, z, scale, bias)
         np.testing.assert_allclose(actual, expected, rtol=1e-12, atol=1e-12)
+        real = z[mask]
+        _, mean, var = fast.conv_bn_relu_pool_train(z, jnp.eye(3).reshape(1, 1, 3, 3), scale, bias, mask)
+        np.testing.assert_allclose(mean, real.mean((0, 1, 2)), rtol=1e-12)
+        np.testing.assert_allclose(var, real.var((0, 1, 2), ddof=1), rtol=1e-12)
         for got, want in zip(actual_vjp(cotangent), expected_vjp(cotangent)):
             np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
