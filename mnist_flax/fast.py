@@ -135,7 +135,7 @@ def _bn_relu(z, mean, factor, bias):
 def _normalisation_gradient(g, z, mean, inv_std, scale, w, n, sum_g, sum_g_normed):
     """The textbook BatchNorm backward: d/dz from g, the gradient at the normalised output."""
     w = 1.0 if w is None else w[:, None, None, None]
-    normed = (z - mean) * inv_std
+    normed = (z - mean) * inv_std  # recomputed, not passed in: cheaper than keeping it in memory
     return (scale * inv_std) * (g - w * (sum_g / n) - (w * normed) * (sum_g_normed / n))
 
 
