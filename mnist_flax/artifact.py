@@ -8,7 +8,6 @@ and checks every checkpoint against the sha256 in its sidecar JSON.
 """
 
 import datetime as dt
-import hashlib
 import http.client
 import json
 import os
@@ -23,6 +22,7 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from mnist_flax import sidecar
 from mnist_flax.cli import ArgumentParser, UsageError, add_debug_flag, run_main
 from mnist_flax.errors import MnistFlaxError
 
@@ -222,26 +222,9 @@ def _check_free(dest: Path) -> None:
         raise ArtifactError(f"{dest} already exists; remove it or choose another --dest")
 
 
-def read_sidecar(ckpt: Path) -> dict:
-    sidecar = ckpt.with_suffix(".json")
-    try:
-        meta = json.loads(sidecar.read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"{ckpt.name} has no sidecar {sidecar.name}; cannot verify it") from None
-    except (ValueError, RecursionError) as e:
-        raise ArtifactError(f"sidecar {sidecar.name} is not valid JSON: {e}"[:300]) from None
-    if not isinstance(meta, dict):
-        raise ArtifactError(f"sidecar {sidecar.name} is not a JSON object")
-    return meta
-
-
 def verify_checksum(ckpt: Path) -> None:
-    expected = str(read_sidecar(ckpt).get("sha256", "")).lower()
-    actual = hashlib.sha256(ckpt.read_bytes()).hexdigest()
-    if expected != actual:
-        raise ArtifactError(
-            f"checksum mismatch for {ckpt.name}: sidecar says {expected or 'nothing'}, file is {actual}"
-        )
+    """The checkpoint's sha256 must match its sidecar's: an artifact has to prove its integrity."""
+    sidecar.verify(ckpt, ckpt.read_bytes(), sidecar.read(ckpt), required=True)
 
 
 def _token(flag: str | None) -> str:
@@ -289,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         checkpoints = extract_verified(zip_file, dest)
 
     for ckpt in checkpoints:
-        meta = read_sidecar(ckpt)
+        meta = sidecar.read(ckpt) or {}
         print(f"checkpoint: {ckpt} (sha256 verified)")
         print(f"test accuracy (sidecar): {_percent(meta.get('test_accuracy'))}")
         if args.evaluate:

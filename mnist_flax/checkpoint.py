@@ -1,17 +1,15 @@
 """Model checkpoints: msgpack (flax.serialization) of params and BatchNorm statistics.
 
-A checkpoint `mnist_flax_<UTC time>_acc<test %>.msgpack` has a JSON sidecar of
-the same stem with the run's metadata and the msgpack's sha256.
+A checkpoint `mnist_flax_<UTC time>_acc<test %>.msgpack` has a JSON sidecar of the same
+stem (sidecar.py) with the run's metadata and the msgpack's sha256.
 
-`flax.serialization.from_bytes` does not check shapes or dtypes and silently
-drops unknown keys, so loading validates the raw tree against the model's own
-structure: same keys, shapes and dtypes, finite values, size within bounds.
-msgpack cannot execute code; nothing here unpickles.
+`flax.serialization.from_bytes` does not check shapes or dtypes and silently drops
+unknown keys, so loading validates the raw tree against the model's own structure:
+same keys, shapes and dtypes, finite values, size within bounds. msgpack cannot
+execute code; nothing here unpickles.
 """
 
 import datetime as dt
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,29 +17,41 @@ import jax
 import numpy as np
 from flax import serialization
 
-from mnist_flax.atomic import atomic_write_bytes, atomic_write_text
+from mnist_flax import sidecar
+from mnist_flax.atomic import atomic_write_bytes
 from mnist_flax.errors import CheckpointError
 from mnist_flax.model import init_variables
 
-CHECKPOINT_SUFFIX = ".msgpack"
-SIDECAR_SUFFIX = ".json"
+SUFFIX = ".msgpack"
+GLOB = "mnist_flax_*" + SUFFIX
 # The model is ~40 KB; anything far larger is not ours, and unpacking msgpack
 # can take several times the file's size in memory.
-MAX_CHECKPOINT_BYTES = 16 * 2**20
-MAX_SIDECAR_BYTES = 2**20
+MAX_BYTES = 16 * 2**20
+TRAIN_HINT = "train one with `python -m mnist_flax.train`"
 
 
 def checkpoint_name(created: dt.datetime, test_accuracy: float) -> str:
     stamp = created.astimezone(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return f"mnist_flax_{stamp}_acc{100 * test_accuracy:.2f}{CHECKPOINT_SUFFIX}"
+    return f"mnist_flax_{stamp}_acc{100 * test_accuracy:.2f}{SUFFIX}"
 
 
-def sidecar_path(checkpoint: str | Path) -> Path:
-    return Path(checkpoint).with_suffix(SIDECAR_SUFFIX)
+def utc_now_iso(created: dt.datetime | None = None) -> str:
+    return (created or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def find(path: str | Path) -> Path:
+    """The checkpoint itself, or the newest one in a directory (by the UTC time in its name)."""
+    path = Path(path)
+    if path.is_dir():
+        # Names start mnist_flax_<YYYYmmddTHHMMSSZ>, so name order is time order, unlike
+        # mtimes, which copying or downloading an artifact resets.
+        found = sorted(path.glob(GLOB))
+        if not found:
+            raise CheckpointError(f"{path}: no {GLOB} in this directory; {TRAIN_HINT} --output-dir DIR")
+        return found[-1]
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint or directory; {TRAIN_HINT}")
+    return path
 
 
 def variables_to_bytes(variables: dict) -> bytes:
@@ -57,48 +67,27 @@ def save_checkpoint(output_dir: str | Path, variables: dict, metadata: dict,
                     created: dt.datetime | None = None) -> Path:
     """Writes the msgpack, then its sidecar, each atomically; returns the msgpack path.
 
-    `metadata` must hold `test_accuracy`; `created` and `sha256` are added.
+    `metadata` (sidecar fields) must hold `test_accuracy`; `created`, `file` and `sha256` are added.
     """
     created = created or dt.datetime.now(dt.timezone.utc)
     check_variables(jax.device_get(variables), model_template(), "the trained model")
     data = variables_to_bytes(variables)
     path = Path(output_dir) / checkpoint_name(created, metadata["test_accuracy"])
-    sidecar = {**metadata, "created": created.astimezone(dt.timezone.utc).isoformat(timespec="seconds"),
-               "sha256": sha256_hex(data), "file": path.name}
     atomic_write_bytes(path, data)
-    atomic_write_text(sidecar_path(path), json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
+    sidecar.write(path, data, {**metadata, "created": utc_now_iso(created)})
     return path
 
 
-def read_sidecar(checkpoint: str | Path) -> dict | None:
-    """The checkpoint's sidecar metadata, or None when it has none."""
-    path = sidecar_path(checkpoint)
-    if not path.is_file():
-        return None
-    try:
-        if path.stat().st_size > MAX_SIDECAR_BYTES:
-            raise ValueError(f"{path.stat().st_size:,} bytes, far more than a sidecar holds")
-        sidecar = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:  # ValueError covers bad JSON and bad UTF-8
-        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
-        raise CheckpointError(f"{path}: unreadable sidecar JSON ({reason}); delete it or restore it "
-                              "from the run") from None
-    if not isinstance(sidecar, dict):
-        raise CheckpointError(f"{path}: sidecar is not a JSON object")
-    return sidecar
-
-
-def read_checkpoint_bytes(path: str | Path, missing: str = "no such checkpoint; train one with "
-                          "`python -m mnist_flax.train`") -> bytes:
-    """The file's bytes, refusing anything far larger than SeedNet's weights (~40 KB) could be."""
+def read_checkpoint_bytes(path: str | Path, missing: str = f"no such checkpoint; {TRAIN_HINT}") -> bytes:
+    """The file's bytes, refusing anything far larger than the model's weights (~40 KB) could be."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: {missing}")
     if not path.is_file():
         raise CheckpointError(f"{path}: not a file")
     size = path.stat().st_size
-    if size > MAX_CHECKPOINT_BYTES:
-        raise CheckpointError(f"{path}: {size:,} bytes is far larger than SeedNet's weights (~40 KB); "
+    if size > MAX_BYTES:
+        raise CheckpointError(f"{path}: {size:,} bytes is far larger than the model's weights (~40 KB); "
                               "is it the right file?")
     try:
         return path.read_bytes()
@@ -107,26 +96,32 @@ def read_checkpoint_bytes(path: str | Path, missing: str = "no such checkpoint; 
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict, dict | None]:
-    """(variables, sidecar or None), validated; raises CheckpointError naming the problem."""
+    """(variables, sidecar or None) of a checkpoint, or of a directory's newest; validated."""
+    path = find(path)
     data = read_checkpoint_bytes(path)
-    sidecar = read_sidecar(path)
-    if sidecar is not None and "sha256" in sidecar and sidecar["sha256"] != sha256_hex(data):
-        raise CheckpointError(
-            f"{path}: sha256 {sha256_hex(data)} does not match its sidecar's {sidecar['sha256']}; "
-            "the file is corrupt or was replaced: download or train it again")
-    return variables_from_bytes(data, str(path)), sidecar
+    record = sidecar.read(path)
+    sidecar.verify(path, data, record)
+    return variables_from_bytes(data, str(path)), record
 
 
 def variables_from_bytes(data: bytes, source: str = "checkpoint") -> dict:
     """Decodes and validates msgpack bytes into {'params', 'batch_stats'} of writable arrays."""
     if not data.startswith(b"\x82"):  # a two-entry msgpack map: params and batch_stats
-        raise CheckpointError(f"{source}: not an mnist_flax msgpack checkpoint (wrong file type?)")
+        hint = ("; it is PyTorch weights: turn them into a checkpoint with "
+                "`python -m mnist_flax.export --from-torch FILE -o OUT.msgpack`" if _is_safetensors(data) else
+                " (wrong file type?)")
+        raise CheckpointError(f"{source}: not an mnist_flax msgpack checkpoint{hint}")
     try:
         raw = serialization.msgpack_restore(data)
     except Exception as e:  # msgpack raises many types on malformed input
         raise CheckpointError(f"{source}: corrupt msgpack data ({type(e).__name__}: {e})"[:300]) from None
     check_variables(raw, model_template(), source)
     return jax.tree.map(np.array, raw)  # from_bytes gives read-only views
+
+
+def _is_safetensors(data: bytes) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then a JSON object."""
+    return len(data) > 9 and data[8:9] == b"{" and int.from_bytes(data[:8], "little") < len(data)
 
 
 def check_variables(tree: Any, template: Any, source: str, path: str = "") -> None:

@@ -1,18 +1,36 @@
-"""What every command-line entry point shares: exit codes and one-line errors.
+"""What every command-line entry point shares: XLA flags, exit codes and one-line errors.
 
 Exit codes: 0 success, 1 runtime failure (bad data, bad file, no network),
 2 usage error (argparse's own convention), 130 interrupted by the user.
 """
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
-from mnist_flax.config import add_xla_flags
 from mnist_flax.errors import MnistFlaxError
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+
+# XLA:CPU runs small convolutions' weight gradients (a 24x24-window convolution for conv2)
+# much faster through Eigen than through YNNPACK, its default: docs/performance.md.
+CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
+
+
+def add_xla_flags() -> None:
+    """Adds the project's XLA flags to $XLA_FLAGS unless it names them already.
+
+    Every command sets them before JAX starts (run_main), so that training, evaluation
+    and prediction run the same kernels and agree on every prediction. Tests and scripts
+    that compute in-process call it themselves.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    for flag in CPU_XLA_FLAGS:
+        if flag.split("=")[0] not in flags:
+            flags = f"{flags} {flag}".strip()
+    os.environ["XLA_FLAGS"] = flags
 
 
 class UsageError(MnistFlaxError):

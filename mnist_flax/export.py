@@ -1,21 +1,21 @@
 """Weights in the original PyTorch layout (safetensors or npz), and back to a Flax checkpoint.
 
-    python -m mnist_flax.export CHECKPOINT [--format {safetensors,npz}] [-o PATH]
+    python -m mnist_flax.export CHECKPOINT_OR_DIR [--format {safetensors,npz}] [-o PATH]
     python -m mnist_flax.export --from-torch WEIGHTS.safetensors -o OUT.msgpack
 
-The exported keys are exactly `SeedNet().state_dict()`'s in the original
-PyTorch script, so `load_state_dict(..., strict=True)` accepts them and the
-network gives the same logits in eval mode. Inputs stay as in the original:
-NCHW float32, normalised outside the model as (x / 255 - 0.1307) / 0.3081.
+The exported keys are exactly the state_dict of the PyTorch original
+(pytorch_original/model.py in the repository), so `load_state_dict(..., strict=True)`
+accepts them and the network gives the same logits in eval mode. Inputs stay as in the
+original: NCHW float32, normalised outside the model as (x / 255 - 0.1307) / 0.3081.
 
-Layout differences the conversion undoes:
-  conv kernels   Flax HWIO            -> PyTorch OIHW
-  fc kernel      Flax (512, 10) (in, out) -> PyTorch (10, 512) (out, in), and the
-                 512 inputs reordered: Flax flattens NHWC activations as (h, w, c),
-                 PyTorch flattens NCHW as (c, h, w).
+Layout differences the conversion undoes, layer by layer in the model's own order:
+  conv kernels   Flax HWIO -> PyTorch OIHW
+  dense kernel   Flax (in, out) -> PyTorch (out, in); the layer after the flatten also has
+                 its inputs reordered: Flax flattens NHWC activations as (h, w, c), PyTorch
+                 flattens NCHW as (c, h, w). The (h, w, c) shape is read off the model.
   BatchNorm      scale/bias -> weight/bias; mean/var -> running_mean/running_var;
-                 plus `num_batches_tracked`, which Flax does not keep (it only
-                 matters to PyTorch when momentum=None, which the original doesn't use).
+                 plus `num_batches_tracked`, which Flax does not keep (it only matters
+                 to PyTorch when momentum=None, which the original doesn't use).
 
 Reading never unpickles: safetensors is a JSON header plus raw bytes, and npz is
 opened with allow_pickle=False. Every file is checked key by key, shape by shape,
@@ -23,6 +23,7 @@ before anything of it is used.
 """
 
 import datetime as dt
+import functools
 import io
 import json
 import math
@@ -37,38 +38,55 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from mnist_flax import __version__, checkpoint, cli
-from mnist_flax.atomic import atomic_write_bytes, atomic_write_text
-from mnist_flax.config import NUM_TRAIN_EXAMPLES
+from mnist_flax import __version__, checkpoint, cli, sidecar
+from mnist_flax import config as config_lib
+from mnist_flax.atomic import atomic_write_bytes
 from mnist_flax.errors import CheckpointError
-from mnist_flax.model import CONV_LAYERS
+from mnist_flax.model import CNN, example_images, layer_order
 
 FORMATS = {"safetensors": ".safetensors", "npz": ".npz"}
-NUM_LAYERS = len(CONV_LAYERS)
-# conv5's output, (H, W, C) = (8, 8, 8), is what fc sees flattened.
-FC_INPUT_HWC = (8, 8, CONV_LAYERS[-1][0])
 # Our safetensors header is ~2 KB of JSON; safetensors itself allows 100 MB,
 # which is far more than we will parse from a file someone handed us.
 MAX_HEADER_BYTES = 64 * 1024
-MAX_FILE_BYTES = checkpoint.MAX_CHECKPOINT_BYTES
+MAX_FILE_BYTES = checkpoint.MAX_BYTES
 SAFETENSORS_DTYPES = {"F32": np.float32, "I64": np.int64}
-LAYOUT_NOTE = ("PyTorch state_dict of SeedNet (torch_seed.py): conv weights OIHW; fc.weight (out, in) "
-               "with inputs in torch.flatten order of NCHW (c, h, w); inputs NCHW float32 "
+LAYOUT_NOTE = ("PyTorch state_dict of OriginalNet (pytorch_original/model.py): conv weights OIHW; fc.weight "
+               "(out, in) with inputs in torch.flatten order of NCHW (c, h, w); inputs NCHW float32 "
                "normalised as (x/255 - 0.1307)/0.3081; eval mode uses running BatchNorm statistics")
 
 
 # --- pure conversions --------------------------------------------------------------
 
+@functools.cache
+def fc_input_hwc() -> tuple[int, int, int]:
+    """(H, W, C) of the activation the model flattens into its dense layer, from an abstract run."""
+    _, state = jax.eval_shape(lambda v: CNN().apply(v, example_images(), train=False, mutable=["intermediates"]),
+                              checkpoint.model_template())
+    return tuple(state["intermediates"]["fc_input"][0].shape[1:])
+
+
 def fc_kernel_to_torch(kernel: np.ndarray) -> np.ndarray:
-    """Flax (h*w*c, out) -> PyTorch (out, c*h*w): torch[o, c*64+h*8+w] = flax[h*64+w*8+c, o]."""
-    h, w, c = FC_INPUT_HWC
+    """Flax (h*w*c, out) -> PyTorch (out, c*h*w): torch[o, (c*H + h)*W + w] = flax[(h*W + w)*C + c, o]."""
+    h, w, c = fc_input_hwc()
     return kernel.reshape(h, w, c, -1).transpose(3, 2, 0, 1).reshape(-1, h * w * c)
 
 
 def fc_weight_to_flax(weight: np.ndarray) -> np.ndarray:
     """The inverse of fc_kernel_to_torch."""
-    h, w, c = FC_INPUT_HWC
+    h, w, c = fc_input_hwc()
     return weight.reshape(-1, c, h, w).transpose(2, 3, 1, 0).reshape(h * w * c, -1)
+
+
+def _kernel_to_torch(kernel: np.ndarray) -> np.ndarray:
+    if kernel.ndim == 4:  # conv: HWIO -> OIHW
+        return kernel.transpose(3, 2, 0, 1)
+    return fc_kernel_to_torch(kernel) if kernel.shape[0] == math.prod(fc_input_hwc()) else kernel.T
+
+
+def _weight_to_flax(weight: np.ndarray) -> np.ndarray:
+    if weight.ndim == 4:
+        return weight.transpose(2, 3, 1, 0)
+    return fc_weight_to_flax(weight) if weight.shape[1] == math.prod(fc_input_hwc()) else weight.T
 
 
 def flax_to_torch_state(variables: dict, num_batches_tracked: int = 0) -> dict[str, np.ndarray]:
@@ -76,17 +94,14 @@ def flax_to_torch_state(variables: dict, num_batches_tracked: int = 0) -> dict[s
     params = jax.tree.map(np.asarray, variables["params"])
     stats = jax.tree.map(np.asarray, variables["batch_stats"])
     state = {}
-    for i in range(1, NUM_LAYERS + 1):
-        conv, bn, bs = params[f"conv{i}"], params[f"bn{i}"], stats[f"bn{i}"]
-        state[f"conv{i}.weight"] = conv["kernel"].transpose(3, 2, 0, 1)
-        state[f"conv{i}.bias"] = conv["bias"]
-        state[f"bn{i}.weight"] = bn["scale"]
-        state[f"bn{i}.bias"] = bn["bias"]
-        state[f"bn{i}.running_mean"] = bs["mean"]
-        state[f"bn{i}.running_var"] = bs["var"]
-        state[f"bn{i}.num_batches_tracked"] = np.asarray(num_batches_tracked, np.int64)
-    state["fc.weight"] = fc_kernel_to_torch(params["fc"]["kernel"])
-    state["fc.bias"] = params["fc"]["bias"]
+    for name in layer_order():
+        layer = params[name]
+        if name in stats:  # BatchNorm
+            state[f"{name}.weight"], state[f"{name}.bias"] = layer["scale"], layer["bias"]
+            state[f"{name}.running_mean"], state[f"{name}.running_var"] = stats[name]["mean"], stats[name]["var"]
+            state[f"{name}.num_batches_tracked"] = np.asarray(num_batches_tracked, np.int64)
+        else:  # conv or dense
+            state[f"{name}.weight"], state[f"{name}.bias"] = _kernel_to_torch(layer["kernel"]), layer["bias"]
     # safetensors and torch want contiguous buffers; the transposes above are views.
     # (Not np.ascontiguousarray: it turns the 0-d num_batches_tracked into shape (1,).)
     return {k: np.array(v, order="C") for k, v in state.items()}
@@ -95,14 +110,15 @@ def flax_to_torch_state(variables: dict, num_batches_tracked: int = 0) -> dict[s
 def torch_state_to_flax(state: dict[str, np.ndarray]) -> dict:
     """The inverse of flax_to_torch_state (num_batches_tracked is dropped). Assumes a checked state."""
     params, stats = {}, {}
-    for i in range(1, NUM_LAYERS + 1):
-        params[f"conv{i}"] = {"kernel": np.array(state[f"conv{i}.weight"].transpose(2, 3, 1, 0), order="C"),
-                              "bias": np.array(state[f"conv{i}.bias"])}
-        params[f"bn{i}"] = {"scale": np.array(state[f"bn{i}.weight"]), "bias": np.array(state[f"bn{i}.bias"])}
-        stats[f"bn{i}"] = {"mean": np.array(state[f"bn{i}.running_mean"]),
-                           "var": np.array(state[f"bn{i}.running_var"])}
-    params["fc"] = {"kernel": np.array(fc_weight_to_flax(state["fc.weight"]), order="C"),
-                    "bias": np.array(state["fc.bias"])}
+    template = checkpoint.model_template()
+    for name in layer_order():
+        if name in template["batch_stats"]:
+            params[name] = {"scale": np.array(state[f"{name}.weight"]), "bias": np.array(state[f"{name}.bias"])}
+            stats[name] = {"mean": np.array(state[f"{name}.running_mean"]),
+                           "var": np.array(state[f"{name}.running_var"])}
+        else:
+            params[name] = {"kernel": np.array(_weight_to_flax(state[f"{name}.weight"]), order="C"),
+                            "bias": np.array(state[f"{name}.bias"])}
     return {"params": params, "batch_stats": stats}
 
 
@@ -117,7 +133,7 @@ def check_torch_state(state: dict, source: str) -> None:
     template = torch_template()
     missing, extra = sorted(set(template) - set(state)), sorted(set(state) - set(template))
     if missing or extra:
-        raise CheckpointError(f"{source}: not a state_dict of the original SeedNet: "
+        raise CheckpointError(f"{source}: not a state_dict of the original network: "
                               f"missing {missing or 'nothing'}, unexpected {extra[:10] or 'nothing'}")
     for key, want in template.items():
         got = state[key]
@@ -132,17 +148,23 @@ def check_torch_state(state: dict, source: str) -> None:
             raise CheckpointError(f"{source}: {key} is negative ({int(got)})")
 
 
-def num_batches_from_sidecar(sidecar: dict | None) -> tuple[int, str]:
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def num_batches_from_sidecar(record: dict | None) -> tuple[int, str]:
     """BatchNorm's num_batches_tracked for a run, and where the number came from."""
-    sidecar = sidecar or {}
-    known = sidecar.get("num_batches_tracked")
-    if isinstance(known, int) and not isinstance(known, bool) and known >= 0:
+    record = record or {}
+    known = record.get("num_batches_tracked")
+    if _whole(known) and known >= 0:
         return known, "sidecar num_batches_tracked"
-    batch, epochs = sidecar.get("batch_size"), sidecar.get("epochs")
-    if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (batch, epochs)):
-        # One BatchNorm update per step; the last, partial batch of an epoch is a step too.
-        return math.ceil(NUM_TRAIN_EXAMPLES / batch) * epochs, \
-            f"sidecar: ceil({NUM_TRAIN_EXAMPLES}/{batch}) steps x {epochs} epoch(s)"
+    run = sidecar.run_config(record)
+    batch, epochs, examples = run.get("batch_size"), run.get("epochs"), run.get("train_examples", 0)
+    if all(_whole(v) and v > 0 for v in (batch, epochs)) and _whole(examples) and examples >= 0:
+        # One BatchNorm update per step (the epoch's last, partial batch is a step too), in sidecars
+        # written before they recorded the count.
+        steps = epochs * config_lib.num_batches(examples or config_lib.NUM_TRAIN_EXAMPLES, batch)
+        return steps, f"sidecar: {epochs} epoch(s) of {steps // epochs} steps"
     return 0, "unknown (no batch_size/epochs in a sidecar): 0"
 
 
@@ -173,7 +195,7 @@ def read_weights_file(path: str | Path) -> WeightsFile:
     else:
         state, metadata = safetensors_from_bytes(data, str(path))
     check_torch_state(state, str(path))
-    return WeightsFile(state, metadata, checkpoint.sha256_hex(data))
+    return WeightsFile(state, metadata, sidecar.sha256_hex(data))
 
 
 def safetensors_from_bytes(data: bytes, source: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -243,27 +265,28 @@ def _npy_nbytes(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> int:
 
 def export_checkpoint(path: str | Path, fmt: str, output: str | Path | None = None) -> tuple[Path, int, str]:
     """Writes the checkpoint's weights in PyTorch layout; returns (path, num_batches_tracked, its source)."""
-    variables, sidecar = checkpoint.load_checkpoint(path)
-    steps, steps_source = num_batches_from_sidecar(sidecar)
+    path = checkpoint.find(path)
+    variables, record = checkpoint.load_checkpoint(path)
+    steps, steps_source = num_batches_from_sidecar(record)
     state = flax_to_torch_state(variables, steps)
-    out = Path(output) if output else Path(path).with_suffix(FORMATS[fmt])
+    out = Path(output) if output else path.with_suffix(FORMATS[fmt])
     check_output_dir(out)
     if fmt == "npz":
         # npz has no metadata slot, and an extra array would break load_state_dict(strict=True).
         data = state_to_npz(state)
     else:
-        source_sha = checkpoint.sha256_hex(Path(path).read_bytes())
+        source_sha = sidecar.sha256_hex(path.read_bytes())
         metadata = {
             "format": "pytorch_state_dict",
             "layout": LAYOUT_NOTE,
-            "source_checkpoint": Path(path).name,
+            "source_checkpoint": path.name,
             "source_sha256": source_sha,
             "num_batches_tracked": f"{steps} ({steps_source})",
             "exported_by": f"mnist_flax {__version__}",
-            "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "exported": checkpoint.utc_now_iso(),
         }
-        if sidecar and "test_accuracy" in sidecar:
-            metadata["test_accuracy"] = repr(sidecar["test_accuracy"])
+        if record and "test_accuracy" in record:
+            metadata["test_accuracy"] = repr(record["test_accuracy"])
         data = state_to_safetensors(state, metadata)
     atomic_write_bytes(out, data)
     return out, steps, steps_source
@@ -275,11 +298,11 @@ def import_weights(path: str | Path, output: str | Path) -> Path:
     weights = read_weights_file(path)
     variables = torch_state_to_flax(weights.state)
     checkpoint.check_variables(variables, checkpoint.model_template(), str(path))
-    sidecar = {"imported_from": path.name, "source_sha256": weights.sha256,
-               "num_batches_tracked": int(weights.state["bn1.num_batches_tracked"])}
+    tracked = next(v for k, v in weights.state.items() if k.endswith(".num_batches_tracked"))
+    fields = {"imported_from": path.name, "source_sha256": weights.sha256, "num_batches_tracked": int(tracked)}
     accuracy = _float_or_none(weights.metadata.get("test_accuracy"))
     if accuracy is not None:
-        sidecar["test_accuracy"] = accuracy
+        fields["test_accuracy"] = accuracy
     if output.is_dir():
         if accuracy is None:
             raise cli.UsageError(f"{path} carries no test accuracy to name the checkpoint by; "
@@ -289,10 +312,8 @@ def import_weights(path: str | Path, output: str | Path) -> Path:
         raise cli.UsageError(f"-o {output} would overwrite the input")
     check_output_dir(output)
     data = checkpoint.variables_to_bytes(variables)
-    sidecar.update(sha256=checkpoint.sha256_hex(data), file=output.name,
-                   created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     atomic_write_bytes(output, data)
-    atomic_write_text(checkpoint.sidecar_path(output), json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
+    sidecar.write(output, data, {**fields, "created": checkpoint.utc_now_iso()})
     return output
 
 
@@ -316,7 +337,8 @@ def _float_or_none(text) -> float | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = cli.ArgumentParser(prog="python -m mnist_flax.export", description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint", nargs="?", help="a .msgpack written by mnist_flax.train")
+    p.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT_OR_DIR",
+                   help="a .msgpack written by mnist_flax.train, or a directory (its newest one is used)")
     p.add_argument("--format", choices=sorted(FORMATS), default=None,
                    help="default: from -o's suffix, else safetensors")
     p.add_argument("-o", "--output", default=None,
@@ -331,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.output:
             raise cli.UsageError("--from-torch needs -o OUT.msgpack")
         out = import_weights(args.from_torch, args.output)
-        print(f"wrote {out} (and {checkpoint.sidecar_path(out).name})")
+        print(f"wrote {out} (and {sidecar.path_for(out).name})")
         return 0
     if not args.checkpoint:
         raise cli.UsageError("give a CHECKPOINT to export, or --from-torch WEIGHTS -o OUT.msgpack")

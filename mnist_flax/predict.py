@@ -1,6 +1,6 @@
 """Command line: classify handwritten digit images with a trained checkpoint.
 
-    python -m mnist_flax.predict CHECKPOINT IMAGE [IMAGE ...] [--json]
+    python -m mnist_flax.predict CHECKPOINT_OR_DIR IMAGE [IMAGE ...] [--json]
 
 Each PNG or JPEG is turned into what the network was trained on, the way MNIST
 itself was made: 28x28 grayscale, a white digit on black, the digit scaled so
@@ -32,7 +32,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageOps
 
-from mnist_flax import checkpoint, cli, training
+from mnist_flax import checkpoint, cli, step
 from mnist_flax.errors import ImageError
 
 FORMATS = ["PNG", "JPEG"]
@@ -124,7 +124,8 @@ def prepare(path: str | Path) -> Prepared:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = cli.ArgumentParser(prog="python -m mnist_flax.predict", description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint", help="a .msgpack written by mnist_flax.train (or export --from-torch)")
+    p.add_argument("checkpoint", metavar="CHECKPOINT_OR_DIR", help="a .msgpack written by mnist_flax.train "
+                   "(or export --from-torch), or a directory (its newest one is used)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files, one digit each")
     p.add_argument("--json", action="store_true", help="print one JSON list instead of one line per file")
     cli.add_debug_flag(p)
@@ -143,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     if prepared:
         images = np.stack([p.image for p in prepared])[..., None]
-        probs = training.predict_probabilities(variables, images, batch_size=len(images))  # one pass
+        probs = step.predict_probabilities(variables, images, batch_size=len(images))  # one pass
         for path, prep, row in zip(files, prepared, probs):
             digit = int(np.argmax(row))
             results.append({"file": path, "digit": digit, "probability": float(row[digit]),

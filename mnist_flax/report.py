@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist_flax import checkpoint, cli, metrics_log
+from mnist_flax import checkpoint, cli, metrics_log, sidecar
 from mnist_flax.atomic import atomic_write_bytes
-from mnist_flax.config import NUM_CLASSES, TrainConfig
+from mnist_flax.config import NUM_CLASSES, NUM_TRAIN_EXAMPLES, num_batches
 from mnist_flax.errors import CheckpointError
 from mnist_flax.model import parameter_table
 
@@ -38,36 +38,19 @@ PLOT_FILES = {  # file name -> what it shows, in the order the summary lists the
     CONFUSION_FILE: "test-set confusion matrix (rows true, columns predicted)",
     MISCLASSIFIED_FILE: "the test digits the model got wrong most confidently",
 }
-CHECKPOINT_GLOB = "mnist_flax_*" + checkpoint.CHECKPOINT_SUFFIX
 DPI = 120
 MISCLASSIFIED_GRID = (4, 6)  # rows, columns
 
 
 # --------------------------------------------------------------------------- inputs
 
-def find_checkpoint(path: str | Path) -> Path:
-    """The checkpoint itself, or the newest one in a directory (by the UTC time in its name)."""
-    path = Path(path)
-    if path.is_dir():
-        # Names start mnist_flax_<YYYYmmddTHHMMSSZ>, so name order is time order,
-        # unlike mtimes, which copying or downloading an artifact resets.
-        found = sorted(path.glob(CHECKPOINT_GLOB))
-        if not found:
-            raise CheckpointError(f"{path}: no {CHECKPOINT_GLOB} in this directory; "
-                                  "train one with `python -m mnist_flax.train --output-dir DIR`")
-        return found[-1]
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint or directory")
-    return path
-
-
 def load_run(path: Path) -> tuple[dict, dict]:
     """(variables, sidecar) of a checkpoint; the report needs the sidecar, most of it is drawn from there."""
-    variables, sidecar = checkpoint.load_checkpoint(path)
-    if sidecar is None:
-        raise CheckpointError(f"{path}: no sidecar {checkpoint.sidecar_path(path).name} beside it; the report "
+    variables, record = checkpoint.load_checkpoint(path)
+    if record is None:
+        raise CheckpointError(f"{path}: no sidecar {sidecar.path_for(path).name} beside it; the report "
                               "needs the metadata the training run wrote there")
-    return variables, sidecar
+    return variables, record
 
 
 def note(message: str) -> None:
@@ -100,7 +83,7 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
     return out
 
 
-def plot_training_curves(records: list[dict], sidecar: dict, path: Path) -> Path:
+def plot_training_curves(records: list[dict], record: dict, path: Path) -> Path:
     records = sorted(records, key=lambda r: r["step"])
     steps = np.array([r["step"] for r in records])
     epochs = np.array([r.get("epoch", 0) for r in records])
@@ -127,13 +110,13 @@ def plot_training_curves(records: list[dict], sidecar: dict, path: Path) -> Path
             ax.axvline(step - 0.5, color="0.4", linestyle="--", linewidth=0.9)
         loss_ax.annotate(f"epoch {epoch + 1}", (step - 0.5, 1), xycoords=("data", "axes fraction"),
                          xytext=(3, -3), textcoords="offset points", va="top", fontsize=8, color="0.3")
-    fig.suptitle(f"Training: {run_description(sidecar)}", fontsize=11)
+    fig.suptitle(f"Training: {run_description(record)}", fontsize=11)
     return save_figure(fig, path)
 
 
-def plot_confusion_matrix(sidecar: dict, path: Path) -> Path:
+def plot_confusion_matrix(record: dict, path: Path) -> Path:
     from matplotlib.colors import LogNorm
-    matrix = np.array(sidecar["confusion_matrix"], dtype=np.int64)
+    matrix = np.array(record["confusion_matrix"], dtype=np.int64)
     fig = new_figure(7, 6)
     ax = fig.subplots()
     # The diagonal holds ~1,000 per digit, mistakes a handful: on a linear scale every
@@ -158,9 +141,9 @@ def plot_confusion_matrix(sidecar: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def plot_per_class_accuracy(sidecar: dict, path: Path) -> Path:
-    accuracy = 100 * np.array(sidecar["per_class_test_accuracy"], float)
-    overall = 100 * float(sidecar["test_accuracy"])
+def plot_per_class_accuracy(record: dict, path: Path) -> Path:
+    accuracy = 100 * np.array(record["per_class_test_accuracy"], float)
+    overall = 100 * float(record["test_accuracy"])
     fig = new_figure(8, 4.5)
     ax = fig.subplots()
     bars = ax.bar(range(NUM_CLASSES), accuracy, color="tab:blue", width=0.7)
@@ -181,7 +164,7 @@ def plot_per_class_accuracy(sidecar: dict, path: Path) -> Path:
 
 
 def plot_misclassified(variables: dict, images: np.ndarray, labels: np.ndarray, path: Path) -> Path | None:
-    from mnist_flax.training import predict_probabilities  # jitted: import only when drawing this
+    from mnist_flax.step import predict_probabilities  # JAX: import only when drawing this
     probabilities = predict_probabilities(variables, images)
     predicted = probabilities.argmax(-1)
     wrong = np.flatnonzero(predicted != labels)
@@ -213,21 +196,21 @@ def write_plots(checkpoint_path: str | Path, data=None, output_dir: str | Path |
     `output_dir` is given. A run without metrics.jsonl gets no training curves.
     """
     path = Path(checkpoint_path)
-    variables, sidecar = load_run(path)
+    variables, record = load_run(path)
     out = Path(output_dir) if output_dir is not None else path.parent
     out.mkdir(parents=True, exist_ok=True)
     written = []
 
     records = metrics_log.read_metrics(path.parent / metrics_log.METRICS_FILE)
     if records:
-        check_metrics_match(records, sidecar)
-        written.append(plot_training_curves(records, sidecar, out / CURVES_FILE))
+        check_metrics_match(records, record)
+        written.append(plot_training_curves(records, record, out / CURVES_FILE))
     else:
         note(f"no step records in {path.parent / metrics_log.METRICS_FILE}; skipping {CURVES_FILE}")
-    if "per_class_test_accuracy" in sidecar:
-        written.append(plot_per_class_accuracy(sidecar, out / PER_CLASS_FILE))
-    if "confusion_matrix" in sidecar:
-        written.append(plot_confusion_matrix(sidecar, out / CONFUSION_FILE))
+    if "per_class_test_accuracy" in record:
+        written.append(plot_per_class_accuracy(record, out / PER_CLASS_FILE))
+    if "confusion_matrix" in record:
+        written.append(plot_confusion_matrix(record, out / CONFUSION_FILE))
     if data is None:
         from mnist_flax.data import load_mnist
         data = load_mnist()
@@ -236,14 +219,15 @@ def write_plots(checkpoint_path: str | Path, data=None, output_dir: str | Path |
     return written
 
 
-def check_metrics_match(records: list[dict], sidecar: dict) -> None:
+def check_metrics_match(records: list[dict], record: dict) -> None:
     """Warns when metrics.jsonl cannot be this checkpoint's: a later run in the same directory rewrote it."""
-    try:
-        config = TrainConfig(epochs=sidecar["epochs"], batch_size=sidecar["batch_size"],
-                             train_examples=sidecar.get("train_examples", 0))
-        expected = config.epochs * config.steps_per_epoch()
-    except (KeyError, TypeError):
-        return
+    expected = record.get("num_batches_tracked")
+    if not isinstance(expected, int):
+        run = sidecar.run_config(record)
+        try:
+            expected = run["epochs"] * num_batches(run.get("train_examples") or NUM_TRAIN_EXAMPLES, run["batch_size"])
+        except (KeyError, TypeError):
+            return
     last = max(r["step"] for r in records)
     if not expected - 1 <= last <= expected:  # one short: a torn last line, skipped by read_metrics
         note(f"metrics.jsonl ends at step {last} but this checkpoint trained {expected} steps; "
@@ -256,12 +240,13 @@ def percent(value, digits: int = 2) -> str:
     return "n/a" if value is None else f"{100 * value:.{digits}f}%"
 
 
-def run_description(sidecar: dict) -> str:
-    parts = [f"recipe {sidecar.get('recipe', '?')}", f"seed {sidecar.get('seed', '?')}",
-             f"epochs {sidecar.get('epochs', '?')}", f"batch {sidecar.get('batch_size', '?')}",
-             f"lr {sidecar.get('learning_rate', '?')}"]
-    if sidecar.get("peak_learning_rate", sidecar.get("learning_rate")) != sidecar.get("learning_rate"):
-        parts[-1] += f" (peak {sidecar['peak_learning_rate']:g})"
+def run_description(record: dict) -> str:
+    run = sidecar.run_config(record)
+    parts = [f"recipe {run.get('recipe', '?')}", f"seed {run.get('seed', '?')}",
+             f"epochs {run.get('epochs', '?')}", f"batch {run.get('batch_size', '?')}",
+             f"lr {run.get('learning_rate', '?')}"]
+    if run.get("schedule", "constant") != "constant":
+        parts[-1] += f" ({run['schedule']})"
     return ", ".join(parts)
 
 
@@ -276,31 +261,32 @@ def table(header: Sequence[str], rows: Sequence[Sequence], align: str = "") -> l
 def markdown_summary(checkpoint_path: str | Path) -> str:
     """Markdown for a GitHub job summary, from the checkpoint, its sidecar and the plots beside it."""
     path = Path(checkpoint_path)
-    variables, sidecar = load_run(path)
-    matrix = np.array(sidecar["confusion_matrix"]) if "confusion_matrix" in sidecar else None
-    test = percent(sidecar.get("test_accuracy"))
+    variables, record = load_run(path)
+    matrix = np.array(record["confusion_matrix"]) if "confusion_matrix" in record else None
+    test = percent(record.get("test_accuracy"))
     if matrix is not None:
         test += f" ({int(np.trace(matrix)):,} / {int(matrix.sum()):,})"
-    epoch_seconds = sidecar.get("epoch_seconds") or []
-    versions = sidecar.get("versions", {})
-    loss = sidecar.get("train_loss")
+    epoch_seconds = record.get("epoch_seconds") or []
+    versions = record.get("versions", {})
+    loss = record.get("train_loss")
+    run = sidecar.run_config(record)
 
-    lines = [f"## MNIST Flax: {percent(sidecar.get('test_accuracy'))} test accuracy", "",
+    lines = [f"## MNIST Flax: {percent(record.get('test_accuracy'))} test accuracy", "",
              f"Checkpoint `{path.name}`", ""]
     lines += table(["run", ""], [
         ["test accuracy", f"**{test}**"],
-        ["train accuracy", f"{percent(sidecar.get('train_accuracy'))} (running, last epoch)"],
+        ["train accuracy", f"{percent(record.get('train_accuracy'))} (running, last epoch)"],
         ["train loss", "n/a" if loss is None else f"{loss:.4f}"],
-        ["parameters", f"{sidecar['params']:,}" if "params" in sidecar else "n/a"],
+        ["parameters", f"{record['params']:,}" if "params" in record else "n/a"],
         ["epoch time", ", ".join(f"{s:.1f} s" for s in epoch_seconds) or "n/a"],
-        ["recipe", sidecar.get("recipe", "n/a")],
-        ["seed", sidecar.get("seed", "n/a")],
-        ["epochs", sidecar.get("epochs", "n/a")],
-        ["batch size", sidecar.get("batch_size", "n/a")],
-        ["learning rate", sidecar.get("learning_rate", "n/a")],
+        ["recipe", run.get("recipe", "n/a")],
+        ["seed", run.get("seed", "n/a")],
+        ["epochs", run.get("epochs", "n/a")],
+        ["batch size", run.get("batch_size", "n/a")],
+        ["learning rate", f"{run.get('learning_rate', 'n/a')}" + (f" ({run['schedule']})" if "schedule" in run else "")],
         ["versions", ", ".join(f"{k} {v}" for k, v in versions.items()) or "n/a"],
-        ["created", sidecar.get("created", "n/a")],
-        ["sha256", f"`{sidecar['sha256']}`" if "sha256" in sidecar else "n/a"],
+        ["created", record.get("created", "n/a")],
+        ["sha256", f"`{record['sha256']}`" if "sha256" in record else "n/a"],
     ])
 
     params = parameter_table(variables["params"])
@@ -311,10 +297,10 @@ def markdown_summary(checkpoint_path: str | Path) -> str:
     lines += table(["layer/param", "shape", "count"], rows, "llr")
     lines += ["", "</details>"]
 
-    if "per_class_test_accuracy" in sidecar:
+    if "per_class_test_accuracy" in record:
         lines += ["", "### Test accuracy per digit", ""]
         rows = []
-        for digit, accuracy in enumerate(sidecar["per_class_test_accuracy"]):
+        for digit, accuracy in enumerate(record["per_class_test_accuracy"]):
             row = [digit, percent(accuracy)]
             if matrix is not None:
                 errors = matrix[digit].copy()
@@ -340,7 +326,7 @@ def markdown_summary(checkpoint_path: str | Path) -> str:
 # --------------------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mnist_flax.report", description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(prog="python -m mnist_flax.report", description=__doc__.splitlines()[0])
     p.add_argument("path", metavar="OUTPUT_DIR_OR_CHECKPOINT",
                    help="a training output directory (its newest checkpoint is used) or a .msgpack")
     p.add_argument("--markdown", action="store_true",
@@ -355,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    path = find_checkpoint(args.path)
+    path = checkpoint.find(args.path)
     if args.markdown:
         sys.stdout.write(markdown_summary(path))
         return 0

@@ -1,10 +1,10 @@
 """Resumable training state: everything an interrupted run needs to continue exactly.
 
-One msgpack file holds the train state (params, BatchNorm statistics, Adam's
-moments, step), the loop's position and running metrics, and the config. The
-data order and PRNG streams are pure functions of the seed and the position,
-so nothing else is needed. The file is written atomically and validated on
-load against the structure a fresh run would have.
+One msgpack file holds the train state (params, BatchNorm statistics, the optimiser's
+moments, step, dropout key), the loop's position and running metrics, and the config.
+The data order and PRNG streams are pure functions of the seed and the position, so
+nothing else is needed. The file is written atomically and validated on load against the
+structure a fresh run of that config would have.
 """
 
 import dataclasses
@@ -14,14 +14,19 @@ import jax
 import numpy as np
 from flax import serialization
 
-from mnist_flax import training
+from mnist_flax import config as config_lib
+from mnist_flax import step
 from mnist_flax.atomic import atomic_write_bytes
 from mnist_flax.checkpoint import check_variables, read_checkpoint_bytes
-from mnist_flax.config import TrainConfig
+from mnist_flax.config import Config
 from mnist_flax.errors import CheckpointError
 from mnist_flax.loop import Position
 
 RESUME_FILE = "resume.msgpack"
+# Version 2: the config holds every setting, and the state a dropout key. Version 1 files (three
+# entries, no version) are refused: their config lacks the settings a resumed run must keep.
+VERSION = 2
+ENTRIES = ("version", "state", "position", "config")
 
 
 def resume_path(dir_or_file: str | Path) -> Path:
@@ -29,41 +34,35 @@ def resume_path(dir_or_file: str | Path) -> Path:
     return path / RESUME_FILE if path.is_dir() else path
 
 
-def state_template(config: TrainConfig):
-    return jax.eval_shape(lambda: training.create_train_state(jax.random.key(0), config))
+def state_template(config: Config):
+    return jax.eval_shape(lambda: step.create_train_state(config))
 
 
-def save_resume_state(output_dir: str | Path, state: training.TrainState, position: Position,
-                      config: TrainConfig) -> Path:
+def save_resume_state(output_dir: str | Path, state: step.TrainState, position: Position, config: Config) -> Path:
     tree = {
+        "version": VERSION,
         "state": jax.tree.map(np.asarray, serialization.to_state_dict(jax.device_get(state))),
         "position": dataclasses.asdict(position),
-        "config": dataclasses.asdict(config),
+        "config": config.to_dict(),
     }
     check_variables(tree["state"], serialization.to_state_dict(state_template(config)), "the resume state")
     return atomic_write_bytes(Path(output_dir) / RESUME_FILE, serialization.msgpack_serialize(tree))
 
 
-def _typed_fields(cls, raw, source: str, what: str):
-    """Rebuilds a dataclass of numbers from `raw`, refusing missing, extra or non-numeric fields."""
-    fields = {f.name: f.type for f in dataclasses.fields(cls)}
+def _position(raw, source: str) -> Position:
+    """A Position from `raw`, refusing missing, extra or non-numeric fields."""
+    fields = {f.name: f.type for f in dataclasses.fields(Position)}
     if not isinstance(raw, dict) or set(raw) != set(fields):
-        raise CheckpointError(f"{source}: {what} must have exactly the fields {sorted(fields)}")
+        raise CheckpointError(f"{source}: position must have exactly the fields {sorted(fields)}")
     values = {}
     for name, kind in fields.items():
         value = raw[name]
-        kind = {"int": int, "float": float, "str": str}.get(kind, kind)
-        if kind is str:
-            if not isinstance(value, str):
-                raise CheckpointError(f"{source}: {what}.{name} must be text: {_brief(value)}")
-            values[name] = value
-            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-            raise CheckpointError(f"{source}: {what}.{name} is not a finite number: {_brief(value)}")
+            raise CheckpointError(f"{source}: position.{name} is not a finite number: {_brief(value)}")
         if kind is int and value != int(value):
-            raise CheckpointError(f"{source}: {what}.{name} must be a whole number: {value!r}")
-        values[name] = kind(value)
-    return cls(**values)
+            raise CheckpointError(f"{source}: position.{name} must be a whole number: {value!r}")
+        values[name] = (int if kind is int else float)(value)
+    return Position(**values)
 
 
 def _brief(value) -> str:
@@ -71,7 +70,7 @@ def _brief(value) -> str:
     return " ".join(repr(value).split())[:80]
 
 
-def load_resume_state(dir_or_file: str | Path) -> tuple[training.TrainState, Position, TrainConfig]:
+def load_resume_state(dir_or_file: str | Path) -> tuple[step.TrainState, Position, Config]:
     """(state, position, config) from a resume file; CheckpointError on anything off."""
     path = resume_path(dir_or_file)
     source = str(path)
@@ -79,23 +78,28 @@ def load_resume_state(dir_or_file: str | Path) -> tuple[training.TrainState, Pos
         raise CheckpointError(f"{path}: no resume state here; it is written to --output-dir when a run "
                               "is interrupted or with --checkpoint-every N")
     data = read_checkpoint_bytes(path)
-    if not data.startswith(b"\x83"):  # a three-entry msgpack map: state, position, config
+    if data.startswith(b"\x83"):  # version 1: a three-entry map (state, position, config)
+        raise CheckpointError(f"{source}: a resume state from an earlier mnist_flax, whose config lacks "
+                              "settings a resumed run must keep; it cannot be continued: start the run again")
+    if not data.startswith(b"\x84"):  # a four-entry msgpack map
         raise CheckpointError(f"{source}: not an mnist_flax resume state (wrong file type?)")
     try:
         raw = serialization.msgpack_restore(data)
     except Exception as e:  # msgpack raises many types on malformed input
         raise CheckpointError(f"{source}: corrupt resume state ({type(e).__name__})") from None
-    if not isinstance(raw, dict) or set(raw) != {"state", "position", "config"}:
+    if not isinstance(raw, dict) or set(raw) != set(ENTRIES):
         raise CheckpointError(f"{source}: not an mnist_flax resume state")
+    if raw["version"] != VERSION:
+        raise CheckpointError(f"{source}: resume state version {_brief(raw['version'])}; this mnist_flax "
+                              f"continues version {VERSION} only: start the run again")
     try:
-        config = _typed_fields(TrainConfig, raw["config"], source, "config").validate()
-    except ValueError as e:
+        config = config_lib.from_dict(raw["config"])
+    except (ValueError, TypeError) as e:
         raise CheckpointError(f"{source}: bad config: {e}") from None
-    position = _typed_fields(Position, raw["position"], source, "position")
+    position = _position(raw["position"], source)
     template = state_template(config)
     check_variables(raw["state"], serialization.to_state_dict(template), source)
-    fresh = training.create_train_state(jax.random.key(0), config)
-    state = serialization.from_state_dict(fresh, jax.tree.map(np.array, raw["state"]))
+    state = serialization.from_state_dict(step.create_train_state(config), jax.tree.map(np.array, raw["state"]))
     return state, position, config
 
 

@@ -1,58 +1,262 @@
-"""Command line: train SeedNet on MNIST and save a checkpoint.
+"""Command line: train the network on MNIST, evaluate it, save a checkpoint and its plots.
 
-    python -m mnist_flax.train [--epochs 1] [--batch-size 128] [--learning-rate 0.01]
-                               [--recipe seed|onecycle] [--seed 0] [--output-dir artifacts]
-                               [--manual-dir DIR] [--checkpoint-every N] [--resume DIR_OR_FILE]
+    python -m mnist_flax.train [--recipe original|onecycle] [--seed 0] [--epochs 1] [...any setting]
+                               [--output-dir artifacts] [--manual-dir DIR]
+                               [--checkpoint-every N] [--resume DIR_OR_FILE]
 
-Ctrl-C (SIGINT) or SIGTERM finishes the current call (up to 4 steps), saves a resume state in the
-output directory and exits non-zero; `--resume` continues exactly where it stopped.
+Every field of config.Config is a flag. Ctrl-C (SIGINT) or SIGTERM finishes the current
+compiled call (a few steps), saves a resume state in the output directory and exits
+non-zero; `--resume` continues exactly where it stopped, with the saved settings.
 """
 
 import argparse
 import dataclasses
+import os
+import shlex
+import shutil
 import signal
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from mnist_flax import checkpoint, cli, devices, loop, metrics_log, resume, training
+from mnist_flax import batches, checkpoint, cli, loop, metrics_log, optim, resume, runtime, step
+from mnist_flax import config as config_lib
 from mnist_flax.atomic import remove_stale_temporaries
-from mnist_flax.config import RECIPES, TrainConfig
-from mnist_flax.data import load_mnist
+from mnist_flax.config import Config
+from mnist_flax.data import MnistArrays, load_mnist
 from mnist_flax.errors import MnistFlaxError
 from mnist_flax.model import count_params, format_parameter_table
 
 PROGRESS_EVERY = 10  # steps between progress-bar refreshes
-# Devices per backend when --devices is not given (0: all). See docs/performance.md for CPU's.
-DEFAULT_DEVICES = {"cpu": 1}
 EXIT_SIGNAL_BASE = 128  # shell convention: killed by signal N exits 128 + N
+DEFAULT_OUTPUT_DIR = "artifacts"
+MIN_FREE_BYTES = 1_000_000  # a checkpoint's size, with room
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How to run, as opposed to what to train (Config): none of these change the result."""
+
+    devices: int = 0  # split each batch over this many devices; 0: runtime.default_device_count()
+    checkpoint_every: int = 0  # also save the resume state every N steps; 0: only when interrupted
+    progress: bool = True
+    plots: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What a run made. `checkpoint` is None when it stopped early or on a non-primary host."""
+
+    config: Config
+    state: step.TrainState
+    position: loop.Position
+    finished: bool
+    epoch_seconds: tuple[float, ...] = ()
+    train_metrics: dict = dataclasses.field(default_factory=dict)
+    test_metrics: dict | None = None
+    metadata: dict | None = None
+    checkpoint: Path | None = None
+    plots: tuple[Path, ...] = ()
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between calls."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __call__(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C: the user really wants out
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def install(self) -> "StopRequest":
+        signal.signal(signal.SIGINT, self)
+        signal.signal(signal.SIGTERM, self)
+        return self
+
+
+def learning_rates(config: Config) -> np.ndarray:
+    """The learning rate of every step of the run."""
+    return np.asarray(jax.vmap(optim.learning_rate_schedule(config))(np.arange(config.total_steps())))
+
+
+def batch_source(config: Config, images: np.ndarray, labels: np.ndarray, place=lambda b: b):
+    """epoch_batches(epoch, start) for loop.run: the config's batches, placed on the devices."""
+    _, data_key, _ = step.rng_streams(config.seed)
+
+    def epoch_batches(epoch: int, start: int):
+        return map(place, batches.epoch_batches(images, labels, data_key, epoch, batch_size=config.batch_size,
+                                                group=config.steps_per_call, start=start))
+
+    return epoch_batches
+
+
+def check_output_dir(path: Path) -> None:
+    """Fails before any training time is spent unless `path` can be created and written.
+
+    Nothing is created here: a run that fails before training leaves no empty directory.
+    """
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    problem = None
+    if not existing.is_dir():
+        problem = f"{existing} is not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable"
+    elif shutil.disk_usage(existing).free < MIN_FREE_BYTES:
+        problem = f"no space left on {existing}"
+    if problem:
+        raise MnistFlaxError(f"output directory {path} cannot be written ({problem}); "
+                             "choose another with --output-dir or free some space")
+
+
+def run_metadata(result: TrainResult, test: dict, state: step.TrainState) -> dict:
+    import flax
+    import optax
+    config = result.config
+    return {
+        "config": config.to_dict(),
+        "test_accuracy": test["accuracy"],
+        "per_class_test_accuracy": test["per_class_accuracy"],
+        "confusion_matrix": test["confusion_matrix"],
+        "train_accuracy": result.train_metrics["accuracy"],
+        "train_loss": result.train_metrics["loss"],
+        "params": count_params(state.params),
+        "num_batches_tracked": int(state.step),
+        "peak_learning_rate": float(learning_rates(config).max()),
+        "epoch_seconds": [round(s, 3) for s in result.epoch_seconds],
+        "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+                     "python": sys.version.split()[0]},
+    }
+
+
+def train_and_evaluate(config: Config, workdir: str | Path, data: MnistArrays, *,
+                       resumed: tuple[step.TrainState, loop.Position] | None = None,
+                       options: RunOptions = RunOptions(), stop: StopRequest | None = None) -> TrainResult:
+    """Trains `config` (or continues `resumed`), then evaluates, saves and plots into `workdir`."""
+    workdir, stop = Path(workdir), stop or StopRequest()
+    state, position = resumed or (step.create_train_state(config), loop.Position())
+    if config.train_examples > len(data.train_images):
+        raise cli.UsageError(f"--train-examples {config.train_examples} is more than the "
+                             f"{len(data.train_images):,} training examples")
+    count = config.train_examples or len(data.train_images)
+    images, labels = data.train_images[:count], data.train_labels[:count]
+    mesh = runtime.make_mesh(options.devices or runtime.default_device_count())
+    runtime.check_batch_size(config.batch_size, mesh)
+    state = runtime.replicate(state, mesh)
+    epoch_batches = batch_source(config, images, labels, runtime.batch_sharder(mesh))
+    primary = jax.process_index() == 0  # on many hosts, one process writes the files
+    if primary:
+        workdir.mkdir(parents=True, exist_ok=True)
+    rates = learning_rates(config)  # evaluated once: one JAX call per step would slow the loop
+    log = metrics_log.MetricsLog(workdir if primary else None, keep_until_step=int(state.step))
+    total = config.total_steps()
+    print(f"training from step {int(state.step)} of {total}", file=sys.stderr, flush=True)
+    bar = tqdm(total=total, initial=int(state.step), unit="step", disable=not options.progress, dynamic_ncols=True)
+    epoch_seconds, epoch_metrics, epoch_start, saved_at = [], {}, time.perf_counter(), int(state.step)
+
+    def on_step(r: loop.StepReport):
+        log.write(step=r.step, epoch=r.position.epoch, loss=r.loss, accuracy=r.accuracy,
+                  learning_rate=float(rates[r.step - 1]), images_per_second=r.images_per_second)
+        if r.step % PROGRESS_EVERY == 0 or r.position.batch == config.steps_per_epoch():
+            live = r.position.epoch_metrics()
+            bar.set_description(f"epoch {r.position.epoch + 1}/{config.epochs}")
+            bar.set_postfix(loss=f"{live['loss']:.4f}", acc=f"{live['accuracy']:.4f}", refresh=False)
+            bar.update(r.step - bar.n)
+
+    def on_epoch_end(epoch, metrics):
+        nonlocal epoch_start
+        epoch_seconds.append(time.perf_counter() - epoch_start)
+        epoch_metrics.update(metrics)
+        epoch_start = time.perf_counter()
+
+    def should_pause(state, position):
+        # After each compiled call: save at the end of the call that reaches each multiple of
+        # --checkpoint-every, and when a signal asks to stop.
+        nonlocal saved_at
+        now, every = int(state.step), options.checkpoint_every
+        due = every and now // every > saved_at // every
+        if (stop.signal is not None or due) and primary:
+            resume.save_resume_state(workdir, state, position, config)
+            saved_at = now
+        return stop.signal is not None
+
+    try:
+        state, position, finished = loop.run(state, step.make_train_steps(config), epoch_batches, config.epochs,
+                                             position, on_step, on_epoch_end, should_pause)
+    except loop.NonFiniteLoss as e:
+        if primary:
+            resume.save_resume_state(workdir, e.state, e.position, config)
+        raise MnistFlaxError(f"{e} The last good state (before step {e.step}) is in "
+                             f"{resume.resume_path(workdir)}.") from None
+    finally:
+        bar.close()
+        log.close()
+    result = TrainResult(config, state, position, finished, tuple(epoch_seconds),
+                         epoch_metrics or position.epoch_metrics())
+    if not finished:
+        return result
+
+    variables = jax.device_get(step.model_variables(state))
+    test = step.evaluate(variables, data.test_images, data.test_labels)
+    result = dataclasses.replace(result, test_metrics=test, metadata=run_metadata(result, test, state))
+    if not primary:
+        return result
+    path = checkpoint.save_checkpoint(workdir, variables, result.metadata)
+    resume.remove_resume_state(workdir)  # the run is complete: nothing left to resume
+    remove_stale_temporaries(workdir)  # left by a writer killed mid-write in an earlier run
+    result = dataclasses.replace(result, checkpoint=path)
+    print(summary(result), flush=True)  # before the plots, so a plotting failure cannot hide it
+    if options.plots:
+        from mnist_flax import report  # matplotlib is slow to import: only when used
+        result = dataclasses.replace(result, plots=tuple(report.write_plots(path, data=data)))
+        print(f"plots:          {', '.join(p.name for p in result.plots)}")
+    return result
+
+
+def summary(result: TrainResult) -> str:
+    meta, test = result.metadata, result.test_metrics
+    return "\n".join([
+        format_parameter_table(result.state.params),
+        f"parameters:     {meta['params']:,}",
+        f"epoch time:     {', '.join(f'{s:.1f} s' for s in result.epoch_seconds)}",
+        f"train accuracy: {100 * meta['train_accuracy']:.2f}% (running, last epoch)",
+        f"test accuracy:  {100 * meta['test_accuracy']:.2f}% ({test['correct']:,}/{test['count']:,})",
+        f"checkpoint:     {result.checkpoint}",
+    ])
+
+
+# --------------------------------------------------------------------------- command line
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.ArgumentParser(prog="python -m mnist_flax.train", description=__doc__.splitlines()[0])
-    # Run settings default to None so that --resume can tell which were given.
-    p.add_argument("--epochs", type=int, help=f"default {TrainConfig.epochs}")
-    p.add_argument("--batch-size", type=int, help=f"default {TrainConfig.batch_size}")
-    p.add_argument("--learning-rate", type=float, help=f"default {TrainConfig.learning_rate}; onecycle peaks at "
-                   "ONECYCLE_PEAK_FACTOR (4) times this")
-    p.add_argument("--recipe", choices=RECIPES, help="seed: the original's constant-rate Adam (default); "
-                   "onecycle: NAdam, linear warm-up then linear decay of the learning rate, smoothed labels")
-    p.add_argument("--seed", type=int, help="PRNG seed for initialisation and data order (default 0)")
-    p.add_argument("--train-examples", type=int, metavar="N",
-                   help="train on the first N examples only, for quick checks (default: all 60,000)")
-    p.add_argument("--output-dir", default=None, help="where the checkpoint and its sidecar go (default artifacts)")
+    settings = p.add_argument_group("settings (config.Config; default: the recipe's)")
+    for f in dataclasses.fields(Config):
+        choices = tuple(config_lib.RECIPES) if f.name == "recipe" else f.metadata["choices"]
+        default = getattr(Config, f.name)
+        # Default None, so that --resume can tell which were given.
+        settings.add_argument(_flag(f.name), type=f.type, choices=choices, default=None,
+                              metavar=None if choices else f.name.upper(),
+                              help=f"{f.metadata['help']} (" + ("default" if f.name == "recipe" else "original recipe:") + f" {default})")
+    p.add_argument("--output-dir", default=None, help=f"where the checkpoint and its sidecar go "
+                   f"(default {DEFAULT_OUTPUT_DIR}; with --resume, the resume state's directory)")
     p.add_argument("--data-dir", default=None, help="TFDS data directory (default: TFDS's, or $TFDS_DATA_DIR)")
     p.add_argument("--manual-dir", default=None,
                    help="folder with the four MNIST IDX files, for machines without internet "
                         "(default: $MNIST_FLAX_MANUAL_DIR)")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="also save the resume state every N steps, at the end of the compiled call "
-                        "(of 4 steps) that reaches them (0: only when interrupted)")
+                        "that reaches them (0: only when interrupted)")
     p.add_argument("--resume", metavar="DIR_OR_FILE", help="continue an interrupted run from its resume state")
     p.add_argument("--devices", type=int, default=0, metavar="N",
                    help="split each batch over N devices (on CPU: N host devices sharing the cores); "
@@ -65,13 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-SETTINGS = ("seed", "epochs", "batch_size", "learning_rate", "recipe", "train_examples")
+def given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
 
 
-def parse_config(args: argparse.Namespace) -> TrainConfig:
-    given = {name: getattr(args, name) for name in SETTINGS if getattr(args, name) is not None}
+def config_from_args(args: argparse.Namespace) -> Config:
+    given = given_settings(args)
     try:
-        return TrainConfig(**given).validate()
+        return config_lib.resolve(given.pop("recipe", "original"), **given)
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
 
@@ -81,192 +286,46 @@ def check_args(args: argparse.Namespace) -> None:
         raise cli.UsageError(f"--devices must be >= 0, got {args.devices}")
     if args.checkpoint_every < 0:
         raise cli.UsageError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
-    if args.resume:
-        given = [f"--{n.replace('_', '-')}" for n in SETTINGS if getattr(args, n) is not None]
-        if given:
-            raise cli.UsageError(f"--resume continues the saved run with its own settings; drop {' '.join(given)}")
+    if args.resume and given_settings(args):
+        flags = " ".join(_flag(name) for name in given_settings(args))
+        raise cli.UsageError(f"--resume continues the saved run with its own settings; drop {flags}")
 
 
-def prepare_output_dir(path: str | Path) -> Path:
-    """Creates the output directory and proves it writable before any training time is spent."""
-    out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"x" * 1_000_000)  # a checkpoint's size, with room: a full disk fails here
-        probe.unlink()
-    except OSError as e:
-        raise MnistFlaxError(f"output directory {out} is not writable ({e.strerror}); "
-                             "choose another with --output-dir or free some space") from None
-    return out
-
-
-class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag the loop checks between steps."""
-
-    def __init__(self):
-        self.signal = None
-
-    def __call__(self, signum, frame):
-        if self.signal is not None:  # a second Ctrl-C: the user really wants out
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def install(self) -> None:
-        signal.signal(signal.SIGINT, self)
-        signal.signal(signal.SIGTERM, self)
-
-
-def start_or_resume(args):
-    """(state, position, config, output_dir) for a fresh run or the one being resumed.
-
-    Runs before MNIST is loaded, so a bad flag, resume file or output directory fails at once.
-    """
-    if args.resume:
-        state, position, config = resume.load_resume_state(args.resume)
-        output_dir = Path(args.output_dir) if args.output_dir else resume.resume_path(args.resume).parent
-    else:
-        config = parse_config(args)
-        state = training.create_train_state(jax.random.split(jax.random.key(config.seed))[0], config)
-        position, output_dir = loop.Position(), Path(args.output_dir or "artifacts")
-    return state, position, config, prepare_output_dir(output_dir)
-
-
-def learning_rates(config: TrainConfig) -> np.ndarray:
-    """The learning rate of every step of the run."""
-    steps = np.arange(config.epochs * config.steps_per_epoch())
-    return np.asarray(jax.vmap(training.learning_rate_schedule(config))(steps))
-
-
-def data_key(config: TrainConfig) -> jax.Array:
-    return jax.random.split(jax.random.key(config.seed))[1]
-
-
-def train(args, start: tuple, data, stop: "StopRequest") -> dict:
-    state, position, config, output_dir = start
-    if config.train_examples > len(data.train_images):
-        raise cli.UsageError(f"--train-examples {config.train_examples} is more than the "
-                             f"{len(data.train_images):,} training examples")
-    if config.train_examples:
-        data = data._replace(train_images=data.train_images[:config.train_examples],
-                             train_labels=data.train_labels[:config.train_examples])
-    default_count = 0 if jax.process_count() > 1 else DEFAULT_DEVICES.get(jax.default_backend(), 0)
-    mesh = devices.make_mesh(args.devices or default_count)
-    devices.check_batch_size(config.batch_size, mesh)
-    state = devices.replicate(state, mesh)
-    primary = jax.process_index() == 0  # on many hosts, one process writes the files
-    steps_per_epoch = config.steps_per_epoch()
-    rates = learning_rates(config)  # evaluated once: one JAX call per step would slow the loop
-    log = metrics_log.MetricsLog(output_dir if primary else None, keep_until_step=int(state.step))
-    print(f"training from step {int(state.step)} of {steps_per_epoch * config.epochs}", file=sys.stderr, flush=True)
-    bar = tqdm(total=steps_per_epoch * config.epochs, initial=int(state.step), unit="step",
-               disable=args.no_progress, dynamic_ncols=True)
-    epoch_seconds, epoch_metrics, epoch_start = [], {}, [time.perf_counter()]
-
-    def on_step(r: loop.StepReport):
-        log.write(step=r.step, epoch=r.epoch, loss=r.loss, accuracy=r.accuracy,
-                  learning_rate=float(rates[r.step - 1]), images_per_second=r.images_per_second)
-        if r.step % PROGRESS_EVERY == 0 or r.batch == r.batches_per_epoch:
-            live = r.position.epoch_metrics()
-            bar.set_description(f"epoch {r.epoch + 1}/{config.epochs}")
-            bar.set_postfix(loss=f"{live['loss']:.4f}", acc=f"{live['accuracy']:.4f}", refresh=False)
-            bar.update(r.step - bar.n)
-
-    def on_epoch_end(epoch, metrics):
-        epoch_seconds.append(time.perf_counter() - epoch_start[0])
-        epoch_metrics.update(metrics)
-        epoch_start[0] = time.perf_counter()
-
-    saved_at = [int(state.step)]
-
-    def should_pause(state, position):
-        # Called after each compiled call of training.STEPS_PER_CALL steps: save at the end of the
-        # call that reaches each multiple of --checkpoint-every.
-        step, every = int(state.step), args.checkpoint_every
-        due = every and step // every > saved_at[0] // every
-        if (stop.signal is not None or due) and primary:
-            resume.save_resume_state(output_dir, state, position, config)
-            saved_at[0] = step
-        return stop.signal is not None
-
-    try:
-        state, position, finished = loop.run_epochs(
-            state, data.train_images, data.train_labels, data_key(config), config.epochs, config.batch_size,
-            position, on_step=on_step, on_epoch_end=on_epoch_end, should_pause=should_pause,
-            shard_batch=devices.batch_sharder(mesh))
-    except loop.NonFiniteLoss as e:
-        if primary:
-            resume.save_resume_state(output_dir, e.state, e.position, config)
-        raise MnistFlaxError(f"{e} The last good state (before step {e.step}) is in "
-                             f"{resume.resume_path(output_dir)}.") from None
-    finally:
-        bar.close()
-        log.close()
-    return {"state": state, "position": position, "finished": finished, "config": config, "mesh": mesh,
-            "output_dir": output_dir, "stop_signal": stop.signal, "epoch_seconds": epoch_seconds,
-            "train": epoch_metrics or position.epoch_metrics()}
-
-
-def run_metadata(config: TrainConfig, result: dict, test: dict) -> dict:
-    import flax
-    import optax
-    return {
-        "test_accuracy": test["accuracy"],
-        "train_accuracy": result["train"]["accuracy"],
-        "train_loss": result["train"]["loss"],
-        "per_class_test_accuracy": test["per_class_accuracy"],
-        "confusion_matrix": test["confusion_matrix"],
-        "params": count_params(result["state"].params),
-        **dataclasses.asdict(config),
-        "peak_learning_rate": float(learning_rates(config).max()),
-        "epoch_seconds": [round(s, 3) for s in result["epoch_seconds"]],
-        "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
-                     "python": sys.version.split()[0]},
-    }
+def resume_hint(output_dir: Path) -> str:
+    """The resume command in a form that works from any shell, inside a virtualenv or not."""
+    return f"{shlex.quote(sys.executable)} -m mnist_flax.train --resume {shlex.quote(str(output_dir))}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
     # Signals become a flag from here on: interrupting the data loader's threads can crash
-    # the interpreter, and a signal during training must let the current step finish.
-    stop = StopRequest()
-    stop.install()
-    devices.configure_runtime(args.devices)
-    devices.enable_compilation_cache()  # start-up 11 s -> under 5 s on the second run (docs/performance.md)
+    # the interpreter, and a signal during training must let the current call finish.
+    stop = StopRequest().install()
+    runtime.configure(args.devices)
+    runtime.enable_compilation_cache()
     if args.distributed:
-        devices.initialize_distributed()
-    start = start_or_resume(args)
+        runtime.initialize_distributed()
+    # The resume state and the output directory are checked before MNIST is loaded, so that
+    # a bad flag or file fails at once.
+    if args.resume:
+        state, position, config = resume.load_resume_state(args.resume)
+        resumed = (state, position)
+        workdir = Path(args.output_dir) if args.output_dir else resume.resume_path(args.resume).parent
+    else:
+        config, resumed, workdir = config_from_args(args), None, Path(args.output_dir or DEFAULT_OUTPUT_DIR)
+    check_output_dir(workdir)
     data = load_mnist(data_dir=args.data_dir, manual_dir=args.manual_dir)
     if stop.signal is not None:
         print("interrupted before training started; nothing to resume", file=sys.stderr)
         return EXIT_SIGNAL_BASE + stop.signal
-    result = train(args, start, data, stop)
-    config, output_dir = result["config"], result["output_dir"]
-    if not result["finished"]:
-        step = int(result["state"].step)
-        print(f"\nstopped at step {step} by signal {result['stop_signal']}; the state is saved. Resume with:\n"
-              f"  python -m mnist_flax.train --resume {output_dir}", file=sys.stderr)
-        return EXIT_SIGNAL_BASE + (result["stop_signal"] or signal.SIGINT)
-
-    variables = jax.device_get(training.model_variables(result["state"]))
-    test = training.evaluate(variables, data.test_images, data.test_labels)
-    metadata = run_metadata(config, result, test)
-    if jax.process_index() != 0:
-        return 0  # the primary process saves and reports
-    path = checkpoint.save_checkpoint(output_dir, variables, metadata)
-    resume.remove_resume_state(output_dir)  # the run is complete: nothing left to resume
-    remove_stale_temporaries(output_dir)  # left by a writer killed mid-write in an earlier run
-    print(format_parameter_table(variables["params"]))
-    print(f"parameters:     {metadata['params']:,}")
-    print(f"epoch time:     {', '.join(f'{s:.1f} s' for s in result['epoch_seconds'])}")
-    print(f"train accuracy: {100 * metadata['train_accuracy']:.2f}% (running, last epoch)")
-    print(f"test accuracy:  {100 * metadata['test_accuracy']:.2f}% ({test['correct']:,}/{test['count']:,})")
-    print(f"checkpoint:     {path}")
-    if not args.no_plots:  # after the summary, so a plotting failure cannot hide it
-        from mnist_flax import report  # matplotlib is slow to import: only when used
-        plots = report.write_plots(path, data=data)
-        print(f"plots:          {', '.join(p.name for p in plots)}")
+    options = RunOptions(devices=args.devices, checkpoint_every=args.checkpoint_every,
+                         progress=not args.no_progress, plots=not args.no_plots)
+    result = train_and_evaluate(config, workdir, data, resumed=resumed, options=options, stop=stop)
+    if not result.finished:
+        print(f"\nstopped at step {int(result.state.step)} by signal {stop.signal}; the state is saved. "
+              f"Resume with:\n  {resume_hint(workdir)}", file=sys.stderr)
+        return EXIT_SIGNAL_BASE + (stop.signal or signal.SIGINT)
     return 0
 
 

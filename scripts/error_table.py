@@ -45,6 +45,7 @@ class Scene:
     checkpoint: Path  # a valid checkpoint (untrained weights) with its sidecar
     corrupt_checkpoint: Path  # a valid checkpoint cut in half (no sidecar)
     tampered_checkpoint: Path  # a valid checkpoint with one byte changed, sidecar kept
+    safetensors: Path  # the checkpoint's weights exported for PyTorch
     png: Path
     text: Path
     regular_file: Path  # a file where a directory is expected
@@ -70,7 +71,10 @@ def _mnist(s: Scene, manual: Path) -> list[str]:
 
 
 CASES = [
-    Case("train", "--batch-size 0", _train("--batch-size", "0"), 2, "batch size must be a whole number >= 1"),
+    Case("train", "--batch-size 0", _train("--batch-size", "0"), 2, "batch size must be a whole number from 1"),
+    Case("train", "--steps-per-call 0", _train("--steps-per-call", "0"), 2, "steps per call must be a whole number"),
+    Case("train", "--label-smoothing 1.5", _train("--label-smoothing", "1.5"), 2, "label smoothing must be"),
+    Case("train", "--ops bogus", _train("--ops", "bogus"), 2, "invalid choice: 'bogus'"),
     Case("train", "--learning-rate -1", _train("--learning-rate", "-1"), 2, "finite number > 0"),
     Case("train", "--learning-rate nan", _train("--learning-rate", "nan"), 2, "finite number > 0"),
     Case("train", "--learning-rate inf", _train("--learning-rate", "inf"), 2, "finite number > 0"),
@@ -93,12 +97,16 @@ CASES = [
          "does not exist or is not a directory"),
     Case("train", "no network, no manual dir, empty TFDS_DATA_DIR", _train(), 1, "without network access"),
     Case("train", "--output-dir under a regular file", lambda s: ["--no-plots", "--no-progress", "--output-dir",
-                                                                  str(s.regular_file / "out")], 1, "not writable"),
+                                                                  str(s.regular_file / "out")], 1, "cannot be written"),
     Case("train", "--resume DIR without a resume state", lambda s: _train("--resume", str(s.root / "out"))(s), 1,
          "no resume state here"),
     Case("train", "--resume a PNG", lambda s: _train("--resume", str(s.png))(s), 1, "not an mnist_flax resume state"),
     Case("evaluate", "missing checkpoint", lambda s: [str(s.root / "nope.msgpack")], 1, "no such checkpoint"),
     Case("evaluate", "a PNG as checkpoint", lambda s: [str(s.png)], 1, "wrong file type"),
+    Case("evaluate", "PyTorch weights (.safetensors) as checkpoint", lambda s: [str(s.safetensors)], 1,
+         "export --from-torch"),
+    Case("evaluate", "a directory without checkpoints", lambda s: [str(s.root / "mnist-missing")], 1,
+         "no mnist_flax_*.msgpack in this directory"),
     Case("evaluate", "a text file as checkpoint", lambda s: [str(s.text)], 1, "wrong file type"),
     Case("evaluate", "a truncated checkpoint", lambda s: [str(s.corrupt_checkpoint)], 1, "corrupt msgpack data"),
     Case("evaluate", "a checkpoint that does not match its sidecar's sha256",
@@ -144,7 +152,7 @@ def make_scene(root: Path, mnist: Path, prepared_tfds: Path | None = None) -> Sc
     """Writes every bad input the cases use under `root`; prepares MNIST unless given `prepared_tfds`."""
     from PIL import Image
 
-    from mnist_flax import checkpoint
+    from mnist_flax import checkpoint, export, sidecar
     from mnist_flax.model import init_variables
     import jax
 
@@ -181,14 +189,17 @@ def make_scene(root: Path, mnist: Path, prepared_tfds: Path | None = None) -> Sc
     corrupt_ckpt.write_bytes(data[:len(data) // 2])
     tampered = root / "tampered.msgpack"
     tampered.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
-    shutil.copy(checkpoint.sidecar_path(ckpt), checkpoint.sidecar_path(tampered))
+    shutil.copy(sidecar.path_for(ckpt), sidecar.path_for(tampered))
+    weights = root / "weights.safetensors"
+    weights.write_bytes(export.state_to_safetensors(export.flax_to_torch_state(init_variables(jax.random.key(0))), {}))
     png = root / "digit.png"
     Image.new("L", (28, 28)).save(png)
     text = root / "notes.txt"
     text.write_text("this is not a checkpoint\n")
     regular = root / "a-file"
     regular.write_text("x")
-    return Scene(root, mnist, missing, corrupt, empty_tfds, prepared_tfds, ckpt, corrupt_ckpt, tampered, png, text, regular)
+    return Scene(root, mnist, missing, corrupt, empty_tfds, prepared_tfds, ckpt, corrupt_ckpt, tampered, weights, png,
+                 text, regular)
 
 
 def _read_idx(mnist: Path, name: str) -> bytes:

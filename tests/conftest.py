@@ -22,14 +22,15 @@ settings.register_profile("ci", derandomize=True, database=None)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
-from mnist_flax import checkpoint, data, devices, loop, training
-from mnist_flax.config import TrainConfig
+from mnist_flax import checkpoint, cli, data, loop, runtime, step, train
+from mnist_flax import config as config_lib
 
 REPO = Path(__file__).resolve().parent.parent
 
 # Commands the tests start compile from scratch: nothing written to the user's cache, and
 # timings (tests/test_resume.py interrupts a run mid-training) as on a first run.
-os.environ.setdefault(devices.COMPILATION_CACHE_ENV, "off")
+os.environ.setdefault(runtime.COMPILATION_CACHE_ENV, "off")
+cli.add_xla_flags()  # in-process computations run the kernels the commands run
 
 
 def _main_checkout(repo: Path) -> Path:
@@ -103,14 +104,13 @@ def test_set(mnist_arrays) -> tuple[np.ndarray, np.ndarray]:
 def trained_checkpoint(mnist_arrays, test_set, tmp_path_factory) -> Path:
     """A checkpoint (msgpack + sidecar) after TRAIN_STEPS real Adam steps on MNIST."""
     images, labels = np.asarray(mnist_arrays.train_images), np.asarray(mnist_arrays.train_labels)
-    config = TrainConfig()
-    init_key, data_key = jax.random.split(jax.random.key(0))
-    state = training.create_train_state(init_key, config)
-    state, _, _ = loop.run_epochs(state, images, labels, data_key, 1, config.batch_size,
-                                  should_pause=lambda s, position: int(s.step) >= TRAIN_STEPS)
-    variables = training.model_variables(state)
-    test = training.evaluate(variables, *test_set)
-    metadata = {"test_accuracy": test["accuracy"], "batch_size": config.batch_size,
+    config = config_lib.resolve()
+    state = step.create_train_state(config)
+    state, _, _ = loop.run(state, step.make_train_steps(config), train.batch_source(config, images, labels), 1,
+                           should_pause=lambda s, position: position.batch >= TRAIN_STEPS)
+    variables = step.model_variables(state)
+    test = step.evaluate(variables, *test_set)
+    metadata = {"test_accuracy": test["accuracy"], "config": config.to_dict(),
                 "num_batches_tracked": TRAIN_STEPS}
     return checkpoint.save_checkpoint(tmp_path_factory.mktemp("trained"), variables, metadata)
 
@@ -118,7 +118,7 @@ def trained_checkpoint(mnist_arrays, test_set, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def flax_test_logits(trained_checkpoint, test_set) -> np.ndarray:
     variables, _ = checkpoint.load_checkpoint(trained_checkpoint)
-    logits_fn = jax.jit(training.predict_logits)
+    logits_fn = jax.jit(step.predict_logits)
     images = test_set[0]
     return np.concatenate([np.asarray(logits_fn(variables, images[i:i + 1000]))
                            for i in range(0, len(images), 1000)])

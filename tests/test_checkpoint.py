@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from mnist_flax import checkpoint
+from mnist_flax import checkpoint, sidecar
 from mnist_flax.errors import CheckpointError
 from mnist_flax.model import init_variables
 
-META = {"test_accuracy": 0.98567, "train_accuracy": 0.97, "seed": 0}
+META = {"test_accuracy": 0.98567, "train_accuracy": 0.97, "config": {"seed": 0}}
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +28,20 @@ def test_name_has_utc_time_and_accuracy():
 
 def test_round_trip_is_identical(tmp_path, variables):
     path = checkpoint.save_checkpoint(tmp_path, variables, META)
-    restored, sidecar = checkpoint.load_checkpoint(path)
+    restored, record = checkpoint.load_checkpoint(path)
     chex.assert_trees_all_equal(restored, variables)
     chex.assert_trees_all_equal_shapes_and_dtypes(restored, variables)
     assert restored["params"]["fc"]["kernel"].flags.writeable
-    assert sidecar["sha256"] == checkpoint.sha256_hex(path.read_bytes())
-    assert sidecar["test_accuracy"] == META["test_accuracy"]
+    assert record["sha256"] == sidecar.sha256_hex(path.read_bytes())
+    assert record["test_accuracy"] == META["test_accuracy"]
+    assert checkpoint.load_checkpoint(tmp_path)[1] == record  # a directory: its newest checkpoint
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.with_suffix(".json").name, path.name]
+
+
+def test_sidecar_takes_only_its_documented_fields(tmp_path):
+    with pytest.raises(ValueError, match="not sidecar fields: seed"):
+        sidecar.write(tmp_path / "x.msgpack", b"", {"seed": 0})
+    assert not list(tmp_path.iterdir())
 
 
 def save_raw(tmp_path, tree, name="bad.msgpack"):
@@ -94,7 +101,7 @@ def test_missing_and_oversized_files(tmp_path):
         checkpoint.load_checkpoint(tmp_path / "nope.msgpack")
     big = tmp_path / "big.msgpack"
     with open(big, "wb") as f:
-        f.truncate(checkpoint.MAX_CHECKPOINT_BYTES + 1)
+        f.truncate(checkpoint.MAX_BYTES + 1)
     with pytest.raises(CheckpointError, match="far larger"):
         checkpoint.load_checkpoint(big)
 

@@ -17,7 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import require_torch
-from mnist_flax import checkpoint, export, training
+from mnist_flax import checkpoint, export, step
+from mnist_flax import config as config_lib
 from mnist_flax.cli import run_main
 from mnist_flax.errors import CheckpointError
 
@@ -47,9 +48,10 @@ def assert_trees_identical(a, b):
         assert np.array_equal(x, y)
 
 
-def save_random_checkpoint(directory, seed=0, **metadata) -> str:
+def save_random_checkpoint(directory, seed=0, **settings) -> str:
+    """A checkpoint of random weights whose sidecar records a run of `settings` (and no step count)."""
     return str(checkpoint.save_checkpoint(directory, random_variables(seed),
-                                          {"test_accuracy": 0.5, **metadata}))
+                                          {"test_accuracy": 0.5, "config": config_lib.resolve(**settings).to_dict()}))
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
@@ -102,7 +104,7 @@ def test_fc_permutation_matches_torch_flatten_and_linear():
     variables = random_variables(3)
     kernel, bias = variables["params"]["fc"]["kernel"], variables["params"]["fc"]["bias"]
     nhwc = np.random.default_rng(0).standard_normal((4, 8, 8, 8)).astype(np.float32)
-    flax_out = nhwc.reshape(4, -1) @ kernel + bias  # what SeedNet's reshape + Dense compute
+    flax_out = nhwc.reshape(4, -1) @ kernel + bias  # what CNN's reshape + Dense compute
     nchw = torch.from_numpy(nhwc.transpose(0, 3, 1, 2).copy())
     torch_out = torch.nn.functional.linear(torch.flatten(nchw, 1), torch.from_numpy(export.fc_kernel_to_torch(kernel)),
                                            torch.from_numpy(bias)).numpy()
@@ -113,6 +115,10 @@ def test_num_batches_tracked_from_the_sidecar():
     assert export.num_batches_from_sidecar({"batch_size": 128, "epochs": 2})[0] == 2 * 469
     assert export.num_batches_from_sidecar({"batch_size": 128, "epochs": 1, "num_batches_tracked": 5})[0] == 5
     assert export.num_batches_from_sidecar({"test_accuracy": 0.9})[0] == 0
+    # A sidecar of before the count was recorded: the config's steps, --train-examples included.
+    old = {"batch_size": 128, "epochs": 1, "train_examples": 6400, "recipe": "seed"}
+    assert export.num_batches_from_sidecar(old)[0] == 50
+    assert export.num_batches_from_sidecar({"config": config_lib.resolve(train_examples=6400).to_dict()})[0] == 50
     assert export.num_batches_from_sidecar(None)[0] == 0
 
 
@@ -351,5 +357,5 @@ def test_pytorch_weights_import_with_the_same_logits(tmp_path, capsys, torch_see
     variables, sidecar = checkpoint.load_checkpoint(out)
     assert sidecar["num_batches_tracked"] == 1234 and "test_accuracy" not in sidecar
     images = np.random.default_rng(0).integers(0, 256, (256, 28, 28, 1), dtype=np.uint8)
-    flax_logits = np.asarray(training.predict_logits(variables, images))
+    flax_logits = np.asarray(step.predict_logits(variables, images))
     np.testing.assert_allclose(flax_logits, torch_logits(torch, model, images), rtol=0, atol=LOGIT_TOLERANCE)

@@ -44,8 +44,8 @@ from flax import serialization
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from mnist_flax import checkpoint, export, resume, training
-from mnist_flax.config import TrainConfig
+from mnist_flax import checkpoint, export, resume, sidecar, step
+from mnist_flax import config as config_lib
 from mnist_flax.errors import CheckpointError
 from mnist_flax.loop import Position
 from mnist_flax.model import init_variables
@@ -118,11 +118,12 @@ NPZ_BYTES = export.state_to_npz(TORCH_STATE)
 
 
 def _resume_bytes() -> bytes:
-    config = TrainConfig()
-    state = training.create_train_state(jax.random.key(0), config)
-    tree = {"state": jax.tree.map(np.asarray, serialization.to_state_dict(jax.device_get(state))),
+    config = config_lib.resolve()
+    state = step.create_train_state(config)
+    tree = {"version": resume.VERSION,
+            "state": jax.tree.map(np.asarray, serialization.to_state_dict(jax.device_get(state))),
             "position": dataclasses.asdict(Position(epoch=0, batch=3, loss_sum=1.5, correct=2.0, count=3.0)),
-            "config": dataclasses.asdict(config)}
+            "config": config.to_dict()}
     return serialization.msgpack_serialize(tree)
 
 
@@ -278,7 +279,7 @@ def resume_config_values():
     return st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1),
                      st.sampled_from([0, -1, 2**31, 2**63 - 1, 2**64 - 1]),
                      st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.5, 1e300, -0.0]),
-                     st.text(max_size=8), st.sampled_from(["seed", "onecycle", "bogus"]),
+                     st.text(max_size=8), st.sampled_from(["original", "onecycle", "bogus", "nadam", "auto"]),
                      st.binary(max_size=8), st.lists(st.integers(-2**63, 2**63 - 1), max_size=2))
 
 
@@ -347,16 +348,16 @@ def test_checkpoint_wrong_types_are_refused_not_loaded():
 
 
 @fuzz_settings(100)
-@given(data=mutated(CKPT_BYTES), sidecar=st.one_of(st.none(), st.binary(max_size=64),
+@given(data=mutated(CKPT_BYTES), sidecar_bytes=st.one_of(st.none(), st.binary(max_size=64),
                                                    st.sampled_from([b"[]", b"{\"sha256\": 5}", b"\xff\xfe",
                                                                     b"{\"sha256\": \"00\"}", b"[" * 5000])))
-def test_load_checkpoint_file(workdir, data, sidecar):
+def test_load_checkpoint_file(workdir, data, sidecar_bytes):
     path = workdir / "fuzz.msgpack"
     path.write_bytes(data)
-    json_path = checkpoint.sidecar_path(path)
+    json_path = sidecar.path_for(path)
     json_path.unlink(missing_ok=True)
-    if sidecar is not None:
-        json_path.write_bytes(sidecar)
+    if sidecar_bytes is not None:
+        json_path.write_bytes(sidecar_bytes)
     check_loader("load_checkpoint", lambda: checkpoint.load_checkpoint(path), str(path.with_suffix("")))
 
 

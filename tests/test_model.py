@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mnist_flax.model import (PARAM_BUDGET, SeedNet, count_params, format_parameter_table, init_variables,
+from mnist_flax.model import (CNN, PARAM_BUDGET, count_params, format_parameter_table, init_variables, layer_order,
                               normalize, parameter_table)
 
 EXPECTED_COUNTS = {  # per layer, as in the original PyTorch network
@@ -29,7 +29,7 @@ def variables():
 def test_logits_shape_and_dtype(variables, batch, dtype):
     images = jnp.zeros((batch, 28, 28, 1), dtype)
     for train in (False, True):
-        out = SeedNet().apply(variables, images, train=train, mutable=["batch_stats"] if train else False)
+        out = CNN().apply(variables, images, train=train, mutable=["batch_stats"] if train else False)
         logits = out[0] if train else out
         chex.assert_shape(logits, (batch, 10))
         chex.assert_type(logits, jnp.float32)
@@ -47,6 +47,7 @@ def test_per_layer_counts(variables):
         per_layer[name.split("/")[0]] = per_layer.get(name.split("/")[0], 0) + count
     assert per_layer == EXPECTED_COUNTS
     assert list(per_layer) == list(EXPECTED_COUNTS)  # table is in layer order
+    assert layer_order() == list(EXPECTED_COUNTS)  # ... which is the module's own
 
 
 def test_parameter_table_text(variables):
@@ -64,8 +65,8 @@ def test_kernel_layouts(variables):
 
 def test_uint8_and_unit_float_inputs_agree(variables):
     pixels = np.random.default_rng(0).integers(0, 256, (4, 28, 28, 1), dtype=np.uint8)
-    from_uint8 = SeedNet().apply(variables, pixels, train=False)
-    from_float = SeedNet().apply(variables, pixels.astype(np.float32) / 255.0, train=False)
+    from_uint8 = CNN().apply(variables, pixels, train=False)
+    from_float = CNN().apply(variables, pixels.astype(np.float32) / 255.0, train=False)
     chex.assert_trees_all_close(from_uint8, from_float, atol=1e-5)
     chex.assert_trees_all_close(normalize(jnp.array([[0]], jnp.uint8)), jnp.array([[-0.1307 / 0.3081]]), atol=1e-6)
 
@@ -75,7 +76,7 @@ def test_normalize_keeps_float_precision_where_jax_has_it():
     assert normalize(pixels).dtype == jnp.float32
     assert normalize(pixels.astype(np.float16) / 255).dtype == jnp.float32
     assert normalize(pixels / 255.0).dtype == jnp.float32  # float64 input, JAX in 32 bits
-    with jax.enable_x64(True):  # the fast path's exactness tests run both models in float64
+    with jax.enable_x64(True):  # the fused form's exactness tests run both forms in float64
         assert normalize(pixels / 255.0).dtype == jnp.float64
         assert normalize(pixels).dtype == jnp.float32
 
@@ -83,12 +84,12 @@ def test_normalize_keeps_float_precision_where_jax_has_it():
 @pytest.mark.parametrize("shape", [(28, 28, 1), (2, 28, 28), (2, 1, 28, 28), (2, 32, 32, 1), (2, 28, 28, 3)])
 def test_wrong_shape_is_a_clear_error(variables, shape):
     with pytest.raises(ValueError, match=r"expected images of shape \(N, 28, 28, 1\)"):
-        SeedNet().apply(variables, jnp.zeros(shape), train=False)
+        CNN().apply(variables, jnp.zeros(shape), train=False)
 
 
 def test_wrong_dtype_is_a_clear_error(variables):
     with pytest.raises(ValueError, match="uint8 or float"):
-        SeedNet().apply(variables, jnp.zeros((1, 28, 28, 1), bool), train=False)
+        CNN().apply(variables, jnp.zeros((1, 28, 28, 1), bool), train=False)
 
 
 def test_init_is_deterministic_in_the_key():
@@ -100,7 +101,7 @@ def test_init_is_deterministic_in_the_key():
 def test_batchnorm_running_stats_follow_pytorch(variables):
     """running = 0.9 running + 0.1 batch, with the unbiased batch variance, as torch.nn.BatchNorm2d."""
     images = np.random.default_rng(1).integers(0, 256, (8, 28, 28, 1), dtype=np.uint8)
-    _, updates = SeedNet().apply(variables, images, train=True, mutable=["batch_stats"])
+    _, updates = CNN().apply(variables, images, train=True, mutable=["batch_stats"])
     x = normalize(images)
     conv = jax.lax.conv_general_dilated(x, variables["params"]["conv1"]["kernel"], (1, 1), "VALID",
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -118,7 +119,7 @@ def test_mask_makes_padding_irrelevant(variables):
     real = rng.integers(0, 256, (5, 28, 28, 1), dtype=np.uint8)
     padded = np.concatenate([real, rng.integers(0, 256, (3, 28, 28, 1), dtype=np.uint8)])
     mask = np.array([True] * 5 + [False] * 3)
-    alone, s1 = SeedNet().apply(variables, real, train=True, mutable=["batch_stats"])
-    masked, s2 = SeedNet().apply(variables, padded, train=True, mask=mask, mutable=["batch_stats"])
+    alone, s1 = CNN().apply(variables, real, train=True, mutable=["batch_stats"])
+    masked, s2 = CNN().apply(variables, padded, train=True, mask=mask, mutable=["batch_stats"])
     chex.assert_trees_all_close(masked[:5], alone, atol=1e-5)
     chex.assert_trees_all_close(s1, s2, atol=1e-5)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mnist_flax import checkpoint, cli, metrics_log, report
+from mnist_flax import checkpoint, cli, metrics_log, report, sidecar
+from mnist_flax import config as config_lib
 from mnist_flax.data import MnistArrays
 
 STEPS_PER_EPOCH = 469  # 60,000 / 128, rounded up: what the sidecar's settings imply
@@ -29,8 +30,8 @@ def sidecar_metadata() -> dict:
     per_class = np.diag(confusion) / confusion.sum(1)
     return {"test_accuracy": 0.9854, "train_accuracy": 0.9712, "train_loss": 0.0913,
             "per_class_test_accuracy": [round(float(a), 6) for a in per_class],
-            "confusion_matrix": confusion.tolist(), "params": 8954, "seed": 0, "epochs": 2,
-            "batch_size": 128, "learning_rate": 0.01, "recipe": "seed", "epoch_seconds": [41.25, 39.5],
+            "confusion_matrix": confusion.tolist(), "params": 8954, "num_batches_tracked": 2 * 469,
+            "config": config_lib.resolve(epochs=2).to_dict(), "epoch_seconds": [41.25, 39.5],
             "versions": {"jax": "0.10.2", "flax": "0.12.8", "optax": "0.2.8", "python": "3.11.7"}}
 
 
@@ -101,7 +102,7 @@ def test_smooth_is_unbiased_at_the_start_and_follows_a_constant():
 def test_missing_metrics_skips_the_curves_with_a_note(run_dir, tmp_path, capsys):
     _, path, _ = run_dir
     (tmp_path / path.name).write_bytes(path.read_bytes())
-    checkpoint.sidecar_path(tmp_path / path.name).write_text(checkpoint.sidecar_path(path).read_text())
+    sidecar.path_for(tmp_path / path.name).write_text(sidecar.path_for(path).read_text())
     written = report.write_plots(tmp_path / path.name, data=fake_data(12))
     assert {p.name for p in written} == ALL_PLOTS - {report.CURVES_FILE}
     assert report.CURVES_FILE in capsys.readouterr().err
@@ -148,8 +149,8 @@ def test_cli_picks_the_newest_checkpoint(run_dir, tmp_path):
     _, path, _ = run_dir
     for stamp in ("20240101T000000Z", "20250101T000000Z"):
         (tmp_path / f"mnist_flax_{stamp}_acc98.00.msgpack").touch()
-    assert report.find_checkpoint(tmp_path).name == "mnist_flax_20250101T000000Z_acc98.00.msgpack"
-    assert report.find_checkpoint(path) == path
+    assert checkpoint.find(tmp_path).name == "mnist_flax_20250101T000000Z_acc98.00.msgpack"
+    assert checkpoint.find(path) == path
 
 
 def test_cli_draws_plots(run_dir, tmp_path, capsys, monkeypatch):

@@ -13,9 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from mnist_flax import resume, training
-from mnist_flax.checkpoint import load_checkpoint
-from mnist_flax.config import TrainConfig
+from mnist_flax import resume, step
+from mnist_flax import config as config_lib
 from mnist_flax.errors import CheckpointError
 from mnist_flax.loop import Position
 
@@ -112,19 +111,30 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_state(tmp_path, mn
 
 
 def test_resume_state_round_trip(tmp_path):
-    config = TrainConfig(seed=3, recipe="onecycle")
-    state = training.create_train_state(jax.random.key(0), config)
+    config = config_lib.resolve("onecycle", seed=3, label_smoothing=0.2, steps_per_call=2)
+    state = step.create_train_state(config)
     resume.save_resume_state(tmp_path, state, Position(0, 7, 1.5, 2.0, 3.0), config)
     restored, position, restored_config = resume.load_resume_state(tmp_path / resume.RESUME_FILE)
     chex.assert_trees_all_equal(restored.params, state.params)
     chex.assert_trees_all_equal(restored.opt_state, state.opt_state)
-    assert position == Position(0, 7, 1.5, 2.0, 3.0) and restored_config == config
+    chex.assert_trees_all_equal(restored.dropout_key, state.dropout_key)
+    assert position == Position(0, 7, 1.5, 2.0, 3.0) and restored_config == config  # every setting, edited or not
 
 
-@pytest.mark.parametrize("corrupt", [lambda b: b[:len(b) // 2], lambda b: b"\x84" + b[1:], lambda b: b"junk"])
+def test_resume_state_of_an_earlier_version_is_refused_with_the_reason(tmp_path):
+    from flax import serialization
+    old = {"state": {"step": np.int32(3)}, "position": {"epoch": 0, "batch": 3},
+           "config": {"seed": 0, "epochs": 1, "batch_size": 128, "learning_rate": 0.01, "recipe": "seed",
+                      "train_examples": 0}}
+    (tmp_path / resume.RESUME_FILE).write_bytes(serialization.msgpack_serialize(old))
+    with pytest.raises(CheckpointError, match="earlier mnist_flax.*start the run again"):
+        resume.load_resume_state(tmp_path)
+
+
+@pytest.mark.parametrize("corrupt", [lambda b: b[:len(b) // 2], lambda b: b"\x85" + b[1:], lambda b: b"junk"])
 def test_corrupt_resume_state_is_rejected(tmp_path, corrupt):
-    config = TrainConfig()
-    state = training.create_train_state(jax.random.key(0), config)
+    config = config_lib.resolve()
+    state = step.create_train_state(config)
     path = resume.save_resume_state(tmp_path, state, Position(), config)
     path.write_bytes(corrupt(path.read_bytes()))
     with pytest.raises(CheckpointError, match="resume.msgpack"):

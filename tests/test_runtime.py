@@ -1,4 +1,5 @@
-"""Data-parallel training over 1, 2 and 8 host devices computes what one device does."""
+"""The runtime: data-parallel training over 1, 2 and 8 host devices computes what one device does;
+the compilation cache and the allocator settings."""
 
 import os
 import socket
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist_flax import devices
+from mnist_flax import runtime
 from mnist_flax.errors import MnistFlaxError
 
 HERE = Path(__file__).resolve().parent
@@ -49,10 +50,10 @@ def test_same_results_as_one_device(tmp_path, one_device, count):
 
 
 def test_batch_must_split_evenly():
-    mesh = devices.make_mesh(1)
-    devices.check_batch_size(128, mesh)
+    mesh = runtime.make_mesh(1)
+    runtime.check_batch_size(128, mesh)
     with pytest.raises(MnistFlaxError, match="more devices|asked for"):
-        devices.make_mesh(10_000)
+        runtime.make_mesh(10_000)
 
 
 def free_port() -> int:
@@ -83,38 +84,41 @@ def test_two_processes_train_as_one_process_with_two_devices(tmp_path, mnist_dat
 
 def test_compilation_cache_dir_from_environment(monkeypatch, tmp_path):
     import jax
-    monkeypatch.setenv(devices.COMPILATION_CACHE_ENV, "off")
-    assert devices.enable_compilation_cache() is None
+    monkeypatch.setenv(runtime.COMPILATION_CACHE_ENV, "off")
+    assert runtime.enable_compilation_cache() is None
     before = jax.config.jax_compilation_cache_dir
-    monkeypatch.setenv(devices.COMPILATION_CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(runtime.COMPILATION_CACHE_ENV, str(tmp_path))
     try:
-        assert devices.enable_compilation_cache() == str(tmp_path)
+        assert runtime.enable_compilation_cache() == str(tmp_path)
         assert jax.config.jax_compilation_cache_dir == str(tmp_path)
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
-    monkeypatch.delenv(devices.COMPILATION_CACHE_ENV)
+    monkeypatch.delenv(runtime.COMPILATION_CACHE_ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert devices.default_compilation_cache_dir() == str(tmp_path / "mnist_flax" / "jax")
+    assert runtime.default_compilation_cache_dir() == str(tmp_path / "mnist_flax" / "jax")
 
 
 PAGE_FAULTS_PER_CALL = """
 import resource, sys
 import jax, numpy as np
-from mnist_flax import devices, training
-from mnist_flax.config import TrainConfig
+from mnist_flax import cli, runtime, step
+from mnist_flax import config as config_lib
+from mnist_flax.batches import Batch
+cli.add_xla_flags()
 if sys.argv[1] == "tuned":
-    devices.configure_runtime(0)
-state = training.create_train_state(jax.random.key(0), TrainConfig())
-k = training.STEPS_PER_CALL  # the program the training loop runs
+    runtime.configure(0)
+config = config_lib.resolve()
+state = step.create_train_state(config)
+train_steps = step.make_train_steps(config)  # the program the training loop runs
+k = config.steps_per_call
 rng = np.random.default_rng(0)
-batches = training.Batch(rng.integers(0, 256, (k, 128, 28, 28, 1), dtype=np.uint8),
-                         rng.integers(0, 10, (k, 128)).astype(np.int32), np.ones((k, 128), bool))
-active = np.ones(k, bool)
+batches = Batch(rng.integers(0, 256, (k, 128, 28, 28, 1), dtype=np.uint8),
+                rng.integers(0, 10, (k, 128)).astype(np.int32), np.ones((k, 128), bool))
 for _ in range(3):  # compile and settle
-    state, metrics = training.jit_train_steps(state, batches, active); jax.device_get(metrics)
+    state, metrics = train_steps(state, batches); jax.device_get(metrics)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):
-    state, metrics = training.jit_train_steps(state, batches, active); jax.device_get(metrics)
+    state, metrics = train_steps(state, batches); jax.device_get(metrics)
 print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
 """
 
@@ -136,12 +140,12 @@ def uses_glibc() -> bool:
 
 @pytest.mark.skipif(not uses_glibc(), reason="the allocator settings are glibc's")
 def test_step_temporaries_stay_mapped():
-    # XLA allocates a call's ~39 MiB of temporaries afresh on every call; glibc would map them
-    # anew each time, page-faulting all 9,000+ pages in again (docs/performance.md).
+    # XLA allocates a call's temporaries (tens of MiB) afresh on every call; glibc would map them
+    # anew each time, page-faulting every page in again (docs/performance.md).
     untuned = page_faults_per_call("default")
     if untuned < 5_000:
         pytest.skip(f"this jaxlib's training call page-faults only {untuned:.0f} times untuned: nothing to show")
     tuned = page_faults_per_call("tuned")
     # Usually under 100; some processes still fault ~1,000 times a call (other
     # allocations churn, not the block), so the bound is relative to the untuned count.
-    assert tuned < untuned / 4, f"{tuned} page faults per call with configure_runtime"
+    assert tuned < untuned / 4, f"{tuned} page faults per call with runtime.configure"

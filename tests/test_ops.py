@@ -1,4 +1,4 @@
-"""The fast training path computes the same step as the plain linen module.
+"""The network's fused form (ops.py) computes the same training step as its plain form.
 
 Exactness is checked in float64, where rounding is too small to matter: one step's
 gradients and three Adam steps agree to about 1e-9 relative. In float32 the two paths
@@ -14,9 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mnist_flax import fast, training
-from mnist_flax.config import TrainConfig
-from mnist_flax.model import SeedNet
+from mnist_flax import ops, step
+from mnist_flax import config as config_lib
+from mnist_flax.batches import Batch
+from mnist_flax.model import CNN
+
+PLAIN, FUSED = CNN(fused=False).apply, CNN(fused=True).apply
 
 STEPS = 3
 
@@ -39,12 +42,12 @@ def batches(count, real_last=97, dtype=np.uint8):
         images = rng.integers(0, 256, (128, 28, 28, 1), dtype=np.uint8)
         if dtype != np.uint8:
             images = (images / 255.0).astype(dtype)
-        yield training.Batch(images, rng.integers(0, 10, 128).astype(np.int32), np.arange(128) < real)
+        yield Batch(images, rng.integers(0, 10, 128).astype(np.int32), np.arange(128) < real)
 
 
 @pytest.fixture(scope="module")
 def initial():
-    return training.create_train_state(jax.random.key(0), TrainConfig())
+    return step.create_train_state(config_lib.resolve())
 
 
 def to_float64(state):
@@ -53,7 +56,7 @@ def to_float64(state):
 
 def gradients(state, apply_fn, batch):
     state = state.replace(apply_fn=apply_fn)
-    grad_fn = jax.jit(jax.value_and_grad(training.loss_and_updates, has_aux=True))
+    grad_fn = jax.jit(jax.value_and_grad(step.loss_and_updates, has_aux=True))
     (loss, (logits, stats)), grads = grad_fn(state.params, state, batch)
     return loss, logits, stats, grads
 
@@ -71,8 +74,8 @@ def test_one_step_is_exact_in_float64(initial, real):
     with jax.enable_x64(True):
         state = to_float64(initial)
         batch = next(batches(1, real_last=real, dtype=np.float64))
-        plain = gradients(state, SeedNet().apply, batch)
-        quick = gradients(state, fast.apply, batch)
+        plain = gradients(state, PLAIN, batch)
+        quick = gradients(state, FUSED, batch)
         assert quick[3]["conv2"]["kernel"].dtype == jnp.float64  # really computed in 64 bits
         np.testing.assert_allclose(quick[0], plain[0], rtol=1e-12)
         np.testing.assert_allclose(quick[1][:real], plain[1][:real], rtol=1e-10, atol=1e-10)
@@ -83,11 +86,11 @@ def test_one_step_is_exact_in_float64(initial, real):
 def test_a_few_adam_steps_are_exact_in_float64(initial):
     with jax.enable_x64(True):
         state = to_float64(initial)
-        plain, quick = state.replace(apply_fn=SeedNet().apply), state.replace(apply_fn=fast.apply)
-        step = jax.jit(training.train_step)
+        plain, quick = state.replace(apply_fn=PLAIN), state.replace(apply_fn=FUSED)
+        train_step = jax.jit(step.train_step)
         for batch in batches(STEPS, dtype=np.float64):
-            plain, m_plain = step(plain, batch)
-            quick, m_quick = step(quick, batch)
+            plain, m_plain = train_step(plain, batch)
+            quick, m_quick = train_step(quick, batch)
             np.testing.assert_allclose(m_quick["loss_sum"], m_plain["loss_sum"], rtol=1e-12)
         for path, value in flat(plain.params).items():
             if not conv_bias(path):  # Adam turns their rounding-noise gradients into lr-sized steps
@@ -100,8 +103,8 @@ def test_a_few_adam_steps_are_exact_in_float64(initial):
 @pytest.mark.parametrize("real", [128, 97])
 def test_one_step_agrees_in_float32(initial, real):
     batch = next(batches(1, real_last=real))
-    plain = gradients(initial, SeedNet().apply, batch)
-    quick = gradients(initial, fast.apply, batch)
+    plain = gradients(initial, PLAIN, batch)
+    quick = gradients(initial, FUSED, batch)
     np.testing.assert_allclose(quick[0], plain[0], rtol=1e-6)
     np.testing.assert_allclose(quick[1][:real], plain[1][:real], rtol=1e-5, atol=1e-5)
     chex.assert_trees_all_close(quick[2], plain[2], rtol=1e-5, atol=1e-6)
@@ -109,32 +112,42 @@ def test_one_step_agrees_in_float32(initial, real):
 
 
 def test_a_few_adam_steps_agree_in_float32(initial):
-    plain, quick = initial.replace(apply_fn=SeedNet().apply), initial.replace(apply_fn=fast.apply)
-    step = jax.jit(training.train_step)
+    plain, quick = initial.replace(apply_fn=PLAIN), initial.replace(apply_fn=FUSED)
+    train_step = jax.jit(step.train_step)
     for batch in batches(STEPS):
-        plain, m_plain = step(plain, batch)
-        quick, m_quick = step(quick, batch)
+        plain, m_plain = train_step(plain, batch)
+        quick, m_quick = train_step(quick, batch)
         np.testing.assert_allclose(m_quick["loss_sum"], m_plain["loss_sum"], rtol=1e-5)
     for path, value in flat(plain.params).items():
         if not conv_bias(path):  # each step moves a parameter by up to the learning rate, 0.01
             np.testing.assert_allclose(flat(quick.params)[path], value, atol=1e-3, err_msg=path)
 
 
-def test_eval_mode_matches(initial):
-    variables = training.model_variables(initial)
+def test_evaluation_takes_the_plain_form(initial):
+    variables = step.model_variables(initial)
     variables = {**variables, "batch_stats": jax.tree.map(lambda v: v + 0.3, variables["batch_stats"])}
     images = next(batches(1)).images
-    np.testing.assert_allclose(fast.apply(variables, images, train=False),
-                               SeedNet().apply(variables, images, train=False), rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_equal(FUSED(variables, images, train=False), PLAIN(variables, images, train=False))
 
 
-def test_fast_path_is_the_training_default(initial):
-    assert initial.apply_fn is fast.apply
+def test_the_form_is_chosen_by_backend_and_overridable():
+    assert ops.use_fused("auto", backend="cpu") and not ops.use_fused("auto", backend="gpu")
+    assert ops.use_fused("fused", backend="tpu") and not ops.use_fused("plain", backend="cpu")
+    with pytest.raises(ValueError, match="auto, fused or plain"):
+        ops.use_fused("fast")
+    assert step.model_for(config_lib.resolve(ops="plain")) == CNN(fused=False)
+    assert step.model_for(config_lib.resolve(ops="fused")) == CNN(fused=True)
 
 
-def test_fast_apply_validates_input(initial):
+def test_the_train_state_applies_the_module(initial):
+    """The state trains the linen module itself, in the form picked for this backend."""
+    assert initial.apply_fn.__func__ is CNN.apply
+    assert initial.apply_fn.__self__ == CNN(fused=ops.use_fused("auto"))
+
+
+def test_the_fused_form_validates_input(initial):
     with pytest.raises(ValueError, match=r"\(N, 28, 28, 1\)"):
-        fast.apply(training.model_variables(initial), jnp.zeros((2, 28, 28)), train=False)
+        FUSED(step.model_variables(initial), jnp.zeros((2, 28, 28)), train=True, mutable=["batch_stats"])
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
@@ -159,14 +172,15 @@ def test_pooling_routes_ties_like_max_pool(sign):
             return nn.max_pool(y, (2, 2), strides=(2, 2))
 
         def fused(z, scale, bias):  # through an identity 1x1 convolution, which negates falling channels
-            return fast.conv_bn_relu_pool_train(z, jnp.eye(3).reshape(1, 1, 3, 3), scale, bias, mask)[0]
+            return ops.conv_bn_relu_pool_train(z, jnp.eye(3).reshape(1, 1, 3, 3), scale, bias, mask, 1e-5)[0]
 
         expected, expected_vjp = jax.vjp(reference, z, scale, bias)
         actual, actual_vjp = jax.vjp(fused, z, scale, bias)
         np.testing.assert_allclose(actual, expected, rtol=1e-12, atol=1e-12)
         real = z[mask]
-        _, mean, var = fast.conv_bn_relu_pool_train(z, jnp.eye(3).reshape(1, 1, 3, 3), scale, bias, mask)
+        _, mean, var, n = ops.conv_bn_relu_pool_train(z, jnp.eye(3).reshape(1, 1, 3, 3), scale, bias, mask, 1e-5)
+        assert float(n) == 36 * mask.sum()
         np.testing.assert_allclose(mean, real.mean((0, 1, 2)), rtol=1e-12)
-        np.testing.assert_allclose(var, real.var((0, 1, 2), ddof=1), rtol=1e-12)
+        np.testing.assert_allclose(var, real.var((0, 1, 2)), rtol=1e-12)  # biased: what normalises
         for got, want in zip(actual_vjp(cotangent), expected_vjp(cotangent)):
             np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)

@@ -1,5 +1,6 @@
-"""Data parallelism: each batch split over devices on a 1-D mesh, parameters replicated.
+"""The process's runtime: XLA flags, malloc, the compilation cache, devices and hosts.
 
+Data parallelism: each batch is split over devices on a 1-D mesh, parameters replicated.
 The same code runs on one CPU, on several CPU "host devices" (XLA splits the
 machine's cores between them), on GPUs or TPUs, and across hosts after
 `jax.distributed.initialize()`. The step is the ordinary `train_step`; the
@@ -14,12 +15,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mnist_flax import training
-from mnist_flax.config import add_xla_flags
+from mnist_flax.batches import Batch
 from mnist_flax.errors import MnistFlaxError
 
 BATCH_AXIS = "batch"
-
 
 # mallopt(3) parameter numbers, from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -28,13 +27,12 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 def keep_freed_memory() -> bool:
     """Makes glibc's malloc keep freed large blocks mapped instead of returning them to the kernel.
 
-    XLA:CPU allocates the temporaries of each call of a compiled program as one block (about
-    38 MiB for the training step) and frees it after the call. glibc serves a block that large
-    with mmap, or from a new per-thread heap that it unmaps as soon as it is empty, so every
-    step page-faulted the whole block back in: 8,900 page faults and 14 ms of kernel time per
-    step (docs/performance.md). A 64 MiB mmap threshold, a 1 GiB trim threshold and a 64 MiB
-    top pad (glibc keeps an emptied heap when the one before it has less room than that) keep
-    it mapped. A single arena would too, but its lock cost a quarter of the speed.
+    XLA:CPU allocates the temporaries of each call of a compiled program as one block of tens
+    of MiB and frees it after the call. glibc serves a block that large with mmap, or from a
+    new per-thread heap that it unmaps as soon as it is empty, so every call would page-fault
+    the whole block back in (docs/performance.md). A 64 MiB mmap threshold, a 1 GiB trim
+    threshold and a 64 MiB top pad (glibc keeps an emptied heap when the one before it has
+    less room than that) keep it mapped. A single arena would too, but its lock is contended.
     Returns False where the C library has no mallopt (macOS) or ignores it (musl).
     """
     try:
@@ -45,14 +43,13 @@ def keep_freed_memory() -> bool:
     return all([mallopt(parameter, value) == 1 for parameter, value in settings])
 
 
-def configure_runtime(count: int) -> None:
-    """Process-wide settings; call before JAX first computes (XLA reads them when it starts).
+def configure(count: int = 0) -> None:
+    """Process-wide settings for training; call before JAX first computes.
 
-    Adds the project's XLA:CPU flags unless XLA_FLAGS already names them, keeps malloc
-    from unmapping the step's temporaries, and on CPU runs as `count` host devices
-    (0: JAX's default, one).
+    Keeps malloc from unmapping the step's temporaries, and on CPU runs as `count` host
+    devices (0: JAX's default, one). The XLA flags are set before this, by
+    `cli.add_xla_flags`, which every command runs first.
     """
-    add_xla_flags()
     keep_freed_memory()
     if count > 1:
         try:
@@ -70,7 +67,7 @@ def default_compilation_cache_dir() -> str:
 
 
 def enable_compilation_cache() -> str | None:
-    """Keeps compiled XLA programs on disk, so a second run starts in about half the time.
+    """Keeps compiled XLA programs on disk, so that a second run skips compiling them.
 
     The directory is $MNIST_FLAX_COMPILATION_CACHE (empty or "off": no cache), else
     JAX's own $JAX_COMPILATION_CACHE_DIR if set, else $XDG_CACHE_HOME/mnist_flax/jax.
@@ -107,6 +104,17 @@ def initialize_distributed() -> None:
     jax.distributed.initialize(num_processes=env_int("JAX_NUM_PROCESSES"), process_id=env_int("JAX_PROCESS_ID"))
 
 
+# Devices per backend when --devices is not given (0: all): one on CPU, where splitting the
+# cores into host devices adds all-reduces and gains nothing (docs/performance.md).
+DEFAULT_DEVICES = {"cpu": 1}
+
+
+def default_device_count() -> int:
+    if jax.process_count() > 1:
+        return 0
+    return DEFAULT_DEVICES.get(jax.default_backend(), 0)
+
+
 def make_mesh(count: int = 0) -> Mesh:
     """A mesh over the first `count` devices (0: all of them)."""
     available = jax.devices()
@@ -136,7 +144,7 @@ def batch_sharder(mesh: Mesh):
     if mesh.size == 1 and jax.process_count() == 1:
         return lambda batches: batches  # one device: plain arrays, the same program as without a mesh
 
-    def shard(batches: training.Batch) -> training.Batch:
+    def shard(batches: Batch) -> Batch:
         rows = batches.labels.shape[1]
         per_process = rows // jax.process_count()
         local = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
