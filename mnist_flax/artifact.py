@@ -1,12 +1,17 @@
 """Fetch the newest trained checkpoint that CI uploaded as a GitHub Actions artifact.
 
     python -m mnist_flax.artifact OWNER/REPO [--dest DIR] [--token T] [--evaluate]
+                                  [--branch B] [--allow-forks]
 
-Lists the repository's artifacts, picks the newest unexpired one whose name
-starts with the prefix, downloads its zip, unpacks it safely and atomically,
-and checks every checkpoint against the sha256 in its sidecar JSON.
+Lists the repository's artifacts and takes the newest unexpired one whose name starts
+with the prefix and that a successful run on the repository's default branch (or
+`--branch`) uploaded, from the repository's own code: runs for pull requests from forks
+upload into the base repository too, and a sha256 proves integrity, not origin
+(`--allow-forks` lifts that). It downloads the zip, unpacks it safely and atomically, and
+checks every checkpoint against the sha256 in its sidecar JSON.
 """
 
+import dataclasses
 import datetime as dt
 import http.client
 import json
@@ -37,13 +42,33 @@ class ArtifactError(MnistFlaxError):
     """The artifact cannot be listed, downloaded, unpacked or verified."""
 
 
-def choose_artifact(listing: list[dict], prefix: str) -> dict:
-    """The newest unexpired artifact whose name starts with `prefix`."""
+@dataclasses.dataclass(frozen=True)
+class Trust:
+    """Which runs' artifacts to take: those of `branch`, built from the repository's own code."""
+
+    branch: str
+    repository_id: int
+    allow_forks: bool = False
+
+    def admits(self, artifact: dict) -> bool:
+        run = artifact.get("workflow_run") or {}
+        if run.get("head_branch") != self.branch:
+            return False
+        return self.allow_forks or run.get("head_repository_id") == run.get("repository_id") == self.repository_id
+
+
+def choose_artifact(listing: list[dict], prefix: str, trust: Trust | None = None) -> list[dict]:
+    """Unexpired artifacts named `prefix`* that `trust` admits (all, without it), newest first."""
     matching = [a for a in listing if str(a.get("name", "")).startswith(prefix)]
     if not matching:
         raise ArtifactError(f"no artifact named {prefix}* found; has the training workflow run and finished?")
+    admitted = [a for a in matching if trust is None or trust.admits(a)]
+    if not admitted:
+        raise ArtifactError(
+            f"none of the {len(matching)} artifacts named {prefix}* comes from a run on branch {trust.branch} of "
+            "the repository's own code; choose another with --branch, or take forks' with --allow-forks")
     # Ties on created_at (same run) fall back to the larger, i.e. later, id.
-    newest_first = sorted(matching, key=lambda a: (_created(a), a.get("id", 0)), reverse=True)
+    newest_first = sorted(admitted, key=lambda a: (_created(a), a.get("id", 0)), reverse=True)
     alive = [a for a in newest_first if not a.get("expired")]
     if not alive:
         a = newest_first[0]
@@ -51,7 +76,7 @@ def choose_artifact(listing: list[dict], prefix: str) -> dict:
             f"the newest matching artifact {a.get('name')} has expired ({a.get('expires_at') or 'expired'}); "
             "artifacts expire after 90 days; re-run the workflow"
         )
-    return alive[0]
+    return alive
 
 
 def _created(artifact: dict) -> dt.datetime:
@@ -88,20 +113,34 @@ class _StripAuthOnHostChange(urllib.request.HTTPRedirectHandler):
         return new
 
 
+def rate_limit_wait(status: int, headers, message: str) -> str | None:
+    """How long GitHub asks a rate-limited client to wait, or None if this is no rate limit.
+
+    As GitHub documents it: a primary or secondary limit answers 403 or 429. Wait the
+    `retry-after` seconds if given; else, if `x-ratelimit-remaining` is 0, until
+    `x-ratelimit-reset`; else (a secondary limit without either) at least a minute.
+    """
+    if status not in (403, 429):
+        return None
+    retry, remaining, reset = (headers.get(h, "") for h in ("retry-after", "x-ratelimit-remaining", "x-ratelimit-reset"))
+    if retry.isdigit():
+        return f"retry after {int(retry)} s"
+    if remaining == "0" and reset.isdigit():
+        return f"it resets at {dt.datetime.fromtimestamp(int(reset), dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC"
+    if status == 429 or remaining == "0" or "rate limit" in message.lower():
+        return "wait at least a minute before retrying"
+    return None
+
+
 def _http_error(e: urllib.error.HTTPError, what: str) -> ArtifactError:
     try:
         detail = json.loads(e.read(64 * 1024) or b"{}").get("message", "")
     except (ValueError, AttributeError, OSError):
         detail = ""
     detail = f" ({detail})" if detail else ""
-    if e.code == 429 or (e.code == 403 and e.headers.get("x-ratelimit-remaining") == "0"):
-        reset, retry = e.headers.get("x-ratelimit-reset", ""), e.headers.get("retry-after")
-        when = ""
-        if reset.isdigit():
-            when = f"; it resets at {dt.datetime.fromtimestamp(int(reset), dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC"
-        elif retry:
-            when = f"; retry after {retry} s"
-        return ArtifactError(f"GitHub API rate limit exceeded while {what}{when}")
+    wait = rate_limit_wait(e.code, e.headers, detail)
+    if wait:
+        return ArtifactError(f"GitHub API rate limit exceeded while {what}{detail}; {wait}")
     if e.code == 401:
         return ArtifactError(f"GitHub rejected the token (401{detail}); check --token / GITHUB_TOKEN / GH_TOKEN")
     if e.code == 403:
@@ -165,6 +204,41 @@ def list_artifacts(api: str, repo: str, token: str, timeout: float) -> list[dict
             break
         _same_origin(url, api)
     return found
+
+
+def get_json(api: str, path: str, token: str, what: str, timeout: float) -> dict:
+    url = f"{api}{path}"
+    with _open(url, token, what, timeout) as resp:
+        try:
+            value = json.loads(resp.read())
+        except (ValueError, RecursionError) as e:
+            raise ArtifactError(f"unexpected answer from {api} while {what}: {e}"[:300]) from None
+        except (OSError, http.client.HTTPException) as e:
+            raise _unreachable(url, e) from e
+    if not isinstance(value, dict):
+        raise ArtifactError(f"unexpected answer from {api} while {what}: not a JSON object")
+    return value
+
+
+def repository_trust(api: str, repo: str, token: str, timeout: float, branch: str | None,
+                     allow_forks: bool) -> Trust:
+    info = get_json(api, f"/repos/{repo}", token, f"reading {repo}", timeout)
+    if not isinstance(info.get("id"), int) or not isinstance(info.get("default_branch"), str):
+        raise ArtifactError(f"unexpected answer from {api} while reading {repo}: no id or default_branch")
+    return Trust(branch or info["default_branch"], info["id"], allow_forks)
+
+
+def first_successful(api: str, repo: str, token: str, timeout: float, candidates: list[dict]) -> dict:
+    """The first candidate whose workflow run concluded successfully (an artifact can outlive a failed run)."""
+    for candidate in candidates:
+        run_id = (candidate.get("workflow_run") or {}).get("id")
+        if not isinstance(run_id, int):
+            continue
+        run = get_json(api, f"/repos/{repo}/actions/runs/{run_id}", token, f"reading run {run_id}", timeout)
+        if run.get("conclusion") == "success":
+            return candidate
+    raise ArtifactError(f"none of the {len(candidates)} matching artifacts comes from a successful run; "
+                        "re-run the workflow")
 
 
 def download(url: str, token: str, into, timeout: float) -> None:
@@ -249,6 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--name-prefix", default=DEFAULT_PREFIX, help="artifact name prefix (default %(default)s)")
     p.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per request (default %(default)s)")
     p.add_argument("--evaluate", action="store_true", help="also measure the checkpoint's test accuracy")
+    p.add_argument("--branch", help="take runs on this branch (default: the repository's default branch)")
+    p.add_argument("--allow-forks", action="store_true",
+                   help="also take artifacts of runs on code from other repositories (forks' pull requests)")
     add_debug_flag(p)
     args = p.parse_args(argv)
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", args.repo):
@@ -258,7 +335,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     token = _token(args.token)
     api = os.environ.get("MNIST_FLAX_GITHUB_API", DEFAULT_API).rstrip("/")
-    art = choose_artifact(list_artifacts(api, args.repo, token, args.timeout), args.name_prefix)
+    trust = repository_trust(api, args.repo, token, args.timeout, args.branch, args.allow_forks)
+    candidates = choose_artifact(list_artifacts(api, args.repo, token, args.timeout), args.name_prefix, trust)
+    art = first_successful(api, args.repo, token, args.timeout, candidates)
     run = art.get("workflow_run") or {}
     print(f"artifact: {art['name']} (created {art.get('created_at')}, run {run.get('id')} "
           f"on {run.get('head_branch')} @ {str(run.get('head_sha'))[:7]})")

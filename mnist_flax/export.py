@@ -237,7 +237,7 @@ def npz_from_bytes(data: bytes, source: str) -> dict[str, np.ndarray]:
             declared = sum(_npy_nbytes(zf, info) for info in zf.infolist())
         if max(unpacked, declared) > MAX_FILE_BYTES:  # a compressed npz can expand without bound
             raise CheckpointError(f"{source}: npz unpacks to {max(unpacked, declared):,} bytes; "
-                                  "too large for SeedNet")
+                                  "too large for the model's weights")
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             return {name: npz[name] for name in npz.files}
     except CheckpointError:

@@ -1,15 +1,13 @@
 """Shared fixtures: where the real MNIST IDX files are, and MNIST prepared once per session;
-a briefly trained checkpoint, and the original PyTorch network for parity tests.
+a briefly trained checkpoint, and the PyTorch original (pytorch_original/) for parity tests.
 
 Prerequisites that are missing (MNIST, torch) skip their tests locally but fail
 them when $CI is set, so CI cannot pass by skipping.
 """
 
 import importlib
-import importlib.util
 import os
 import sys
-import types
 from pathlib import Path
 
 import jax
@@ -33,38 +31,44 @@ os.environ.setdefault(runtime.COMPILATION_CACHE_ENV, "off")
 cli.add_xla_flags()  # in-process computations run the kernels the commands run
 
 
-def _main_checkout(repo: Path) -> Path:
-    """The main checkout of `repo`: itself, or the one a git worktree hangs off."""
-    git = repo / ".git"
-    if git.is_file():  # A worktree: ".git" holds "gitdir: <main>/.git/worktrees/<name>".
-        gitdir = Path(git.read_text().removeprefix("gitdir:").strip())
-        if gitdir.parent.name == "worktrees":
-            return gitdir.parent.parent.parent
-    return repo
+MISSING_MNIST = "real MNIST not found"
 
 
-def _find_mnist_dir() -> Path:
-    if env := os.environ.get(data.MANUAL_DIR_ENV):
-        return Path(env)
-    candidates = [REPO.parent / "shared" / "mnist", _main_checkout(REPO).parent / "shared" / "mnist"]
-    return next((c for c in candidates if c.is_dir()), candidates[0])
+def tfds_downloads() -> Path:
+    """Where `python -m mnist_flax.train` keeps the IDX files it downloaded (TFDS's download dir)."""
+    data_dir = os.environ.get("TFDS_DATA_DIR") or Path.home() / "tensorflow_datasets"
+    return Path(data_dir) / "downloads"
+
+
+def has_mnist(path: Path) -> bool:
+    return all((path / f"{n}.gz").is_file() or (path / n).is_file() for n in data.FILE_NAMES)
 
 
 @pytest.fixture(scope="session")
 def mnist_manual_dir() -> Path:
     """The directory holding the four real MNIST IDX files.
 
-    $MNIST_FLAX_MANUAL_DIR, else <repo>/../shared/mnist. Missing files fail the test under CI
-    (where they must be there) and skip it elsewhere.
+    $MNIST_FLAX_MANUAL_DIR, else the files a training run downloaded into TFDS's data dir.
+    Missing files fail the test under CI (where they must be there) and skip it elsewhere;
+    the session's summary counts those skips and says how to run them.
     """
-    path = _find_mnist_dir()
-    missing = [n for n in data.FILE_NAMES if not (path / f"{n}.gz").is_file() and not (path / n).is_file()]
-    if missing:
-        message = f"real MNIST not found: {path} lacks {', '.join(missing)} (set {data.MANUAL_DIR_ENV})"
+    env = os.environ.get(data.MANUAL_DIR_ENV)
+    path = Path(env) if env else tfds_downloads()
+    if not has_mnist(path):
+        message = f"{MISSING_MNIST} in {path}"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+def pytest_terminal_summary(terminalreporter):
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if MISSING_MNIST in str(r.longrepr)]
+    if skipped:
+        terminalreporter.write_line(
+            f"{len(skipped)} tests on the real MNIST were skipped: the four IDX files were found neither in "
+            f"${data.MANUAL_DIR_ENV} nor in {tfds_downloads()}. Set {data.MANUAL_DIR_ENV}=DIR, or run "
+            "`python -m mnist_flax.train` once, which downloads them there.", yellow=True, bold=True)
 
 
 @pytest.fixture(scope="session")
@@ -125,43 +129,7 @@ def flax_test_logits(trained_checkpoint, test_set) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
-def torch_seed():
-    """The module defining the original `SeedNet`: <repo>/../shared/bench/torch_seed.py, or a verbatim copy."""
-    torch = require_torch()
-    candidates = [REPO.parent / "shared" / "bench" / "torch_seed.py",
-                  _main_checkout(REPO).parent / "shared" / "bench" / "torch_seed.py"]
-    path = next((c for c in candidates if c.is_file()), None)
-    if path is None:
-        return _torch_seed_copy(torch)
-    spec = importlib.util.spec_from_file_location("torch_seed", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("torch_seed", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _torch_seed_copy(torch):
-    """SeedNet exactly as in torch_seed.py, for checkouts without ../shared."""
-    import torch.nn as nn
-    import torch.nn.functional as F
-
-    class SeedNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1, self.bn1 = nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8)
-            self.conv2, self.bn2 = nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16)
-            self.conv3, self.bn3 = nn.Conv2d(16, 8, 1), nn.BatchNorm2d(8)
-            self.conv4, self.bn4 = nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16)
-            self.conv5, self.bn5 = nn.Conv2d(16, 8, 3), nn.BatchNorm2d(8)
-            self.fc = nn.Linear(8 * 8 * 8, 10)
-
-        def forward(self, x):
-            x = F.relu(self.bn1(self.conv1(x)))
-            x = F.relu(self.bn2(self.conv2(x)))
-            x = F.max_pool2d(x, 2, 2)
-            x = F.relu(self.bn3(self.conv3(x)))
-            x = F.relu(self.bn4(self.conv4(x)))
-            x = F.relu(self.bn5(self.conv5(x)))
-            return self.fc(torch.flatten(x, 1))
-
-    return types.SimpleNamespace(SeedNet=SeedNet)
+def torch_original():
+    """The repository's PyTorch original (pytorch_original/), with torch imported."""
+    require_torch()
+    return importlib.import_module("pytorch_original")

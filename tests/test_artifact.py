@@ -27,6 +27,7 @@ from mnist_flax.cli import run_main
 
 TOKEN = "good-token"
 REPO = "owner/repo"
+REPO_ID, FORK_ID = 42, 99
 STEM = "mnist_flax_20240501T120000Z_acc98.57"
 
 
@@ -65,14 +66,17 @@ class FakeGitHub:
         self.delay = 0.0
         self.storage_hits: list[str] = []
         self.storage_auth: list[str] = []
+        self.conclusions: dict[int, str] = {}  # run id -> conclusion; "success" when absent
 
-    def artifact(self, id, name, created, expired=False, zip_bytes=None) -> dict:
+    def artifact(self, id, name, created, expired=False, zip_bytes=None, branch="main", head_repo=REPO_ID) -> dict:
+        """An artifact in the documented listing schema; its run is 1000 + id."""
         self.zips[id] = zip_bytes if zip_bytes is not None else make_zip(checkpoint_files())
         return {
             "id": id, "name": name, "size_in_bytes": len(self.zips[id]), "expired": expired,
             "created_at": created, "expires_at": "2024-08-01T00:00:00Z",
             "archive_download_url": f"{self.base}/repos/{REPO}/actions/artifacts/{id}/zip",
-            "workflow_run": {"id": 1000 + id, "head_branch": "main", "head_sha": "abcdef0123456789"},
+            "workflow_run": {"id": 1000 + id, "repository_id": REPO_ID, "head_repository_id": head_repo,
+                             "head_branch": branch, "head_sha": "abcdef0123456789"},
         }
 
 
@@ -117,6 +121,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
                                    f'<{gh.base}/repos/{REPO}/actions/artifacts?per_page=100&page={len(gh.pages)}>; rel="last"')
             items = gh.pages[page - 1]
             return self.reply(200, {"total_count": sum(map(len, gh.pages)), "artifacts": items}, headers)
+        if url.path == f"/repos/{REPO}":
+            return self.reply(200, {"id": REPO_ID, "full_name": REPO, "default_branch": "main"})
+        m = re.fullmatch(rf"/repos/{REPO}/actions/runs/(\d+)", url.path)
+        if m:
+            run = int(m.group(1))
+            return self.reply(200, {"id": run, "status": "completed", "conclusion": gh.conclusions.get(run, "success")})
         m = re.fullmatch(rf"/repos/{REPO}/actions/artifacts/(\d+)/zip", url.path)
         if m:
             if gh.download_reply:
@@ -244,6 +254,52 @@ def test_rate_limited_says_when_it_resets(gh, capsys, status):
     err = failed(capsys, REPO, expect="rate limit exceeded")
     assert "resets at 2023-11-14 22:13:20 UTC" in err
     assert "actions:read" not in err
+
+
+@pytest.mark.parametrize("status", [403, 429])
+def test_secondary_rate_limit_reports_its_wait(gh, capsys, status):
+    """A secondary limit: 403 or 429 with retry-after, requests still remaining; retry-after wins over reset."""
+    gh.list_reply = (status, {"message": "You have exceeded a secondary rate limit. Please wait a few minutes."},
+                     {"retry-after": "60", "x-ratelimit-remaining": "4321", "x-ratelimit-reset": "1700000000"})
+    err = failed(capsys, REPO, expect="rate limit exceeded while listing artifacts")
+    assert "retry after 60 s" in err and "resets at" not in err and "actions:read" not in err
+
+
+def test_secondary_rate_limit_without_headers_says_wait_a_minute(gh, capsys):
+    gh.list_reply = (403, {"message": "You have exceeded a secondary rate limit."}, {"x-ratelimit-remaining": "4321"})
+    failed(capsys, REPO, expect="wait at least a minute")
+
+
+def test_a_fork_pull_requests_artifact_is_refused(gh, capsys):
+    """A fork's PR run uploads into the base repository; by default only the repository's own code counts."""
+    gh.pages = [[gh.artifact(1, "mnist-flax-model-acc98.00", "2024-05-01T10:00:00Z"),
+                 gh.artifact(2, "mnist-flax-model-acc99.90", "2024-05-02T10:00:00Z", head_repo=FORK_ID)]]
+    code, out, _ = cli(capsys, REPO, "--dest", "d")
+    assert code == 0 and "artifact: mnist-flax-model-acc98.00" in out
+    gh.pages = [[gh.artifact(2, "mnist-flax-model-acc99.90", "2024-05-02T10:00:00Z", head_repo=FORK_ID)]]
+    failed(capsys, REPO, "--dest", "e", expect="--allow-forks")
+    code, out, _ = cli(capsys, REPO, "--dest", "f", "--allow-forks")
+    assert code == 0 and "artifact: mnist-flax-model-acc99.90" in out
+
+
+def test_the_default_branch_unless_another_is_chosen(gh, capsys):
+    gh.pages = [[gh.artifact(1, "mnist-flax-model-acc98.00", "2024-05-01T10:00:00Z"),
+                 gh.artifact(2, "mnist-flax-model-acc99.00", "2024-05-02T10:00:00Z", branch="feature")]]
+    code, out, _ = cli(capsys, REPO, "--dest", "d")
+    assert code == 0 and "artifact: mnist-flax-model-acc98.00" in out and "on main" in out
+    code, out, _ = cli(capsys, REPO, "--dest", "e", "--branch", "feature")
+    assert code == 0 and "artifact: mnist-flax-model-acc99.00" in out and "on feature" in out
+    failed(capsys, REPO, "--dest", "f", "--branch", "nowhere", expect="branch nowhere")
+
+
+def test_an_artifact_of_a_failed_run_is_passed_over(gh, capsys):
+    gh.pages = [[gh.artifact(1, "mnist-flax-model-acc98.00", "2024-05-01T10:00:00Z"),
+                 gh.artifact(2, "mnist-flax-model-acc99.00", "2024-05-02T10:00:00Z")]]
+    gh.conclusions[1002] = "failure"
+    code, out, _ = cli(capsys, REPO, "--dest", "d")
+    assert code == 0 and "artifact: mnist-flax-model-acc98.00" in out
+    gh.conclusions[1001] = "cancelled"
+    failed(capsys, REPO, "--dest", "e", expect="comes from a successful run")
 
 
 def test_repo_not_found_404(gh, capsys):
@@ -381,7 +437,7 @@ def test_choose_artifact_mixed_time_formats():
         {"id": 2, "name": "mnist-flax-model-b", "created_at": "2024-05-01T00:00:00Z", "expired": False},
         {"id": 3, "name": "mnist-flax-model-c", "created_at": None, "expired": False},
     ]
-    assert artifact.choose_artifact(listing, "mnist-flax-model")["id"] == 1
+    assert artifact.choose_artifact(listing, "mnist-flax-model")[0]["id"] == 1
 
 
 def test_next_link():
@@ -407,6 +463,6 @@ def test_choose_artifact_is_the_newest_alive_match(listing):
         with pytest.raises(artifact.ArtifactError):
             artifact.choose_artifact(listing, "mnist-flax-model")
         return
-    chosen = artifact.choose_artifact(listing, "mnist-flax-model")
+    chosen = artifact.choose_artifact(listing, "mnist-flax-model")[0]
     assert chosen in alive
     assert all(artifact._created(a) <= artifact._created(chosen) for a in alive)

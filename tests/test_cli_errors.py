@@ -78,3 +78,11 @@ def test_the_committed_table_lists_every_case():
     assert table.startswith("# Error messages\n"), "something else wrote to the table's stdout"
     for case in error_table.CASES:
         assert f"| {case.command} | {case.what.replace('|', chr(92) + '|')} |" in table, case.what
+
+
+def test_a_failed_first_run_leaves_no_output_directory(scene, tmp_path):
+    out = tmp_path / "never"
+    argv = ["--no-plots", "--no-progress", "--output-dir", str(out), "--manual-dir", str(tmp_path / "nowhere"),
+            "--data-dir", str(tmp_path / "tfds")]
+    assert cli.run_main(error_table.importlib.import_module("mnist_flax.train").main, argv) == cli.EXIT_FAILURE
+    assert not out.exists()

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from mnist_flax import config as config_lib
+
 REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 ACCURACY_GATE = 0.97  # the original's gate was 0.80; this network reaches ~0.985 in one epoch
 
@@ -29,7 +31,8 @@ def test_one_epoch_trains_saves_and_evaluates(tmp_path, mnist_manual_dir, mnist_
     assert sidecars[0].stem == checkpoints[0].stem
     meta = json.loads(sidecars[0].read_text())
     assert meta["test_accuracy"] > ACCURACY_GATE
-    assert meta["params"] == 8954 and meta["epochs"] == 1 and meta["batch_size"] == 128
+    assert meta["params"] == 8954 and meta["num_batches_tracked"] == 469
+    assert meta["config"] == config_lib.resolve().to_dict()  # every setting, written into the sidecar
     assert checkpoints[0].name.endswith(f"_acc{100 * meta['test_accuracy']:.2f}.msgpack")
 
     # What the user sees: a live bar with loss and accuracy, then the report and the table.
@@ -42,9 +45,10 @@ def test_one_epoch_trains_saves_and_evaluates(tmp_path, mnist_manual_dir, mnist_
     assert {p.name for p in out.glob("*.png")} == plots
     assert re.search(r"^plots:\s+\S", train.stdout, re.M)
 
-    evaluate = run_module("mnist_flax.evaluate", checkpoints[0], "--data-dir", mnist_data_dir,
+    evaluate = run_module("mnist_flax.evaluate", out, "--data-dir", mnist_data_dir,  # the run's directory
                           "--manual-dir", mnist_manual_dir)
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     assert f"test accuracy: {100 * meta['test_accuracy']:.2f}%" in evaluate.stdout
+    assert f"checkpoint:    {checkpoints[0]}" in evaluate.stdout  # its newest checkpoint
     correct = int(re.search(r"\(([\d,]+)/10,000\)", evaluate.stdout).group(1).replace(",", ""))
     assert correct == round(meta["test_accuracy"] * 10_000)

@@ -1,6 +1,6 @@
 """Export to the original PyTorch layout and import back: exactness, strictness, torch parity.
 
-Parity tests run the real PyTorch `SeedNet` of shared/bench/torch_seed.py on the
+Parity tests run the PyTorch original (pytorch_original/, `OriginalNet`) on the
 real MNIST test set; they skip without torch or MNIST, except under $CI.
 """
 
@@ -300,14 +300,14 @@ def torch_logits(torch, model, images: np.ndarray, batch: int = 1000) -> np.ndar
                           for i in range(0, len(x), batch)]).numpy()
 
 
-def test_exported_weights_give_flax_logits_in_pytorch(tmp_path, capsys, torch_seed, trained_checkpoint,
+def test_exported_weights_give_flax_logits_in_pytorch(tmp_path, capsys, torch_original, trained_checkpoint,
                                                       test_set, flax_test_logits):
     torch = require_torch()
     from safetensors.torch import load_file
 
     weights = tmp_path / "trained.safetensors"
     assert run_cli(capsys, trained_checkpoint, "-o", weights)[0] == 0
-    model = torch_seed.SeedNet()
+    model = torch_original.OriginalNet()
     model.load_state_dict(load_file(weights), strict=True)
     logits = torch_logits(torch, model, test_set[0])
     images, labels = test_set
@@ -322,25 +322,25 @@ def test_exported_weights_give_flax_logits_in_pytorch(tmp_path, capsys, torch_se
     assert int(model.bn1.num_batches_tracked) == 200  # from the fixture's sidecar
 
 
-def test_exported_npz_loads_strictly_in_pytorch(tmp_path, capsys, torch_seed, trained_checkpoint,
+def test_exported_npz_loads_strictly_in_pytorch(tmp_path, capsys, torch_original, trained_checkpoint,
                                                 test_set, flax_test_logits):
     torch = require_torch()
     weights = tmp_path / "trained.npz"
     assert run_cli(capsys, trained_checkpoint, "-o", weights)[0] == 0
     with np.load(weights, allow_pickle=False) as npz:
         state = {k: torch.from_numpy(npz[k]) for k in npz.files}
-    model = torch_seed.SeedNet()
+    model = torch_original.OriginalNet()
     model.load_state_dict(state, strict=True)
     logits = torch_logits(torch, model, test_set[0][:1000])
     assert np.abs(logits - flax_test_logits[:1000]).max() <= LOGIT_TOLERANCE
 
 
-def test_pytorch_weights_import_with_the_same_logits(tmp_path, capsys, torch_seed):
+def test_pytorch_weights_import_with_the_same_logits(tmp_path, capsys, torch_original):
     torch = require_torch()
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
-    model = torch_seed.SeedNet()
+    model = torch_original.OriginalNet()
     with torch.no_grad():  # a fresh BatchNorm is the identity in eval mode; make it not
         for i in range(1, 6):
             bn = getattr(model, f"bn{i}")

@@ -1,0 +1,72 @@
+"""The README's commands and snippets run as written, so that they cannot rot."""
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, require_torch
+from mnist_flax import sidecar
+
+README = (REPO / "README.md").read_text()
+MAX_LINES = 150
+
+
+def code_blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, re.S)
+
+
+def shell_commands() -> list[str]:
+    """Every command in the README's bash blocks and in its commands table."""
+    lines = [line.split("#")[0].strip() for block in code_blocks("bash") for line in block.splitlines()]
+    table = re.findall(r"^\| `(python -m [^`]+)` \|", README, re.M)
+    return [line for line in lines if line] + table
+
+
+def test_readme_is_short_and_for_users():
+    assert len(README.splitlines()) <= MAX_LINES
+    assert "../shared" not in README
+
+
+def test_every_module_the_readme_runs_answers_help():
+    modules = sorted({m for cmd in shell_commands() for m in re.findall(r"python -m ([\w.]+)", cmd)})
+    assert {"mnist_flax.train", "mnist_flax.evaluate", "mnist_flax.predict", "mnist_flax.export",
+            "mnist_flax.artifact", "mnist_flax.report", "pytest"} <= set(modules)
+    for module in modules:
+        if module == "pytest":
+            continue  # the suite itself
+        result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 0 and "usage:" in result.stdout, (module, result.stderr[-2000:])
+
+
+def test_quick_start_trains_with_the_end_to_end_tests_command():
+    """The quick start's train command is the one tests/test_end_to_end.py runs for real."""
+    assert "python -m mnist_flax.train" in shell_commands()
+    assert 'python -m pytest -m "not slow"' in shell_commands()
+
+
+def test_pytorch_snippet_runs_as_written(tmp_path, trained_checkpoint, mnist_data_dir, mnist_manual_dir):
+    """After the README's own export command, its PyTorch snippet gives the checkpoint's accuracy."""
+    require_torch()
+    workdir = tmp_path / "repo"  # the repository root as a user has it after training
+    (workdir / "artifacts").mkdir(parents=True)
+    for path in (trained_checkpoint, sidecar.path_for(trained_checkpoint)):
+        shutil.copy(path, workdir / "artifacts")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TFDS_DATA_DIR": str(mnist_data_dir),
+           "MNIST_FLAX_MANUAL_DIR": str(mnist_manual_dir)}
+    export = next(cmd for cmd in shell_commands() if cmd.startswith("python -m mnist_flax.export artifacts"))
+    result = subprocess.run([sys.executable, *shlex.split(export)[1:]], cwd=workdir, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    [snippet] = [block for block in code_blocks("python") if "load_state_dict" in block]
+    result = subprocess.run([sys.executable, "-c", snippet], cwd=workdir, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    accuracy = sidecar.read(trained_checkpoint)["test_accuracy"]
+    print(result.stdout)
+    assert result.stdout.strip() == f"test accuracy in PyTorch: {accuracy:.2%}"

@@ -1,0 +1,35 @@
+"""The suite finds the real MNIST where a user has it, and says so when it cannot."""
+
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+from mnist_flax import data
+
+REAL_DATA_TEST = "tests/test_data.py::test_real_mnist"
+
+
+def run_suite_part(tfds_dir, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("MNIST_FLAX_MANUAL_DIR", "CI")}
+    env["TFDS_DATA_DIR"] = str(tfds_dir)
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", REAL_DATA_TEST], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_the_suite_finds_the_files_training_downloaded(tmp_path, mnist_manual_dir):
+    """Without $MNIST_FLAX_MANUAL_DIR, the real-data tests use the IDX files in TFDS's download dir,
+    where `python -m mnist_flax.train` leaves them; without those, the summary says what was skipped."""
+    downloads = tmp_path / "tfds" / "downloads"
+    downloads.mkdir(parents=True)
+    for name in data_files(mnist_manual_dir):
+        (downloads / name.name).symlink_to(name)
+    found = run_suite_part(tmp_path / "tfds", tmp_path)
+    assert "1 passed" in found.stdout, found.stdout[-2000:]
+    missing = run_suite_part(tmp_path / "empty", tmp_path)
+    assert "1 skipped" in missing.stdout
+    assert "1 tests on the real MNIST were skipped" in missing.stdout and "MNIST_FLAX_MANUAL_DIR=DIR" in missing.stdout
+
+
+def data_files(directory):
+    return [next(p for p in (directory / f"{n}.gz", directory / n) if p.is_file()) for n in data.FILE_NAMES]
