@@ -28,6 +28,7 @@ except ImportError:  # Windows: no advisory locks; concurrent first prepares are
 from mnist_flax.errors import DataError
 
 MANUAL_DIR_ENV = "MNIST_FLAX_MANUAL_DIR"
+MIRRORS_ENV = "MNIST_FLAX_MIRRORS"  # comma-separated URL prefixes to download from instead
 
 # IDX base names per split: (images, labels).
 SPLIT_FILES = {
@@ -170,6 +171,8 @@ class MnistIdx(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def __init__(self, *, manual_dir: str | os.PathLike | None = None, **kwargs):
         manual_dir = manual_dir or os.environ.get(MANUAL_DIR_ENV)
         self._manual_dir = Path(manual_dir).expanduser() if manual_dir else None
+        mirrors = os.environ.get(MIRRORS_ENV, "")
+        self._mirrors = tuple(m.strip() for m in mirrors.split(",") if m.strip()) or self.MIRRORS
         super().__init__(file_format="array_record", **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -207,7 +210,7 @@ class MnistIdx(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             remedy = (f"replace it with a good copy of {name}.gz from an MNIST mirror such as "
                       f"{self.MIRRORS[0] if self.MIRRORS else MNIST_MIRRORS[0]}")
         else:
-            path = download(name, self.MIRRORS, Path(dl_manager.download_dir), self.DOWNLOAD_TIMEOUT_S)
+            path = download(name, self._mirrors, Path(dl_manager.download_dir), self.DOWNLOAD_TIMEOUT_S)
             remedy = (f"delete it and run again to re-download, or put good copies in a directory "
                       f"and pass --manual-dir DIR or set {MANUAL_DIR_ENV}=DIR")
         raw = read_source(path)

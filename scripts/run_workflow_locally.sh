@@ -63,7 +63,7 @@ HOME=$home "$state/act-venv/bin/act" push \
   --action-offline-mode \
   --artifact-server-addr 127.0.0.1 --artifact-server-path "$artifact_dir" \
   --cache-server-addr 127.0.0.1 --cache-server-path "$state/cache" \
-  --env RUNNER_TOOL_CACHE="$state/toolcache" \
+  --env RUNNER_TOOL_CACHE="$state/toolcache" --env AGENT_TOOLSDIRECTORY="$state/toolcache" \
   --var MNIST_FLAX_MANUAL_DIR="$mnist" \
   --var TORCH_INDEX_URL=none \
   --var PIP_RETRIES=0 \

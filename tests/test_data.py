@@ -272,6 +272,16 @@ def test_download_tries_mirrors_in_order(tmp_path, http_root):
     assert sorted(p.name for p in (tmp_path / "tfds" / "downloads").glob("*.gz")) == sorted(f"{n}.gz" for n in files)
 
 
+def test_mirrors_come_from_the_environment(tmp_path, http_root, monkeypatch):
+    """$MNIST_FLAX_MIRRORS replaces the public mirrors (an organisation's own copy, a test's server)."""
+    root, url = http_root
+    files = tiny_idx_set()
+    write_set(root / "ours", files)
+    monkeypatch.setenv(data.MIRRORS_ENV, f" {url}missing/ ,{url}ours/")
+    cls = tiny_builder_cls(files, mirrors=["https://unreachable.invalid/"])
+    assert_arrays_equal(data.load_builder(cls(data_dir=tmp_path / "tfds")), expected_arrays(files))
+
+
 @pytest.fixture
 def silent_server():
     """A TCP port that accepts connections and never answers: a network that hangs."""

@@ -1,6 +1,7 @@
 """The GitHub Actions workflow is valid (actionlint) and publishes the model for 90 days."""
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -47,6 +48,20 @@ def test_model_artifact_is_uploaded_for_90_days():
     assert "python -m pytest" in text
 
 
-def test_job_summary_has_the_report():
+def test_actions_are_on_their_node_24_majors():
+    used = set(re.findall(r"uses: (actions/[\w-]+)@(\S+)", "\n".join(p.read_text() for p in WORKFLOWS)))
+    assert used == {("actions/checkout", "v7"), ("actions/setup-python", "v7"), ("actions/cache", "v5"),
+                    ("actions/upload-artifact", "v7")}
+
+
+def test_every_tool_the_workflow_installs_is_pinned():
+    for line in "\n".join(p.read_text() for p in WORKFLOWS).splitlines():
+        if "pip install" in line:
+            assert "-c requirements/lock.txt" in line or re.search(r"pip install [\w.-]+==[\w.]+", line), line
+
+
+def test_job_summary_has_the_report_and_the_comparison():
     text = "\n".join(p.read_text() for p in WORKFLOWS)
-    assert 'python -m mnist_flax.report artifacts --markdown >> "$GITHUB_STEP_SUMMARY"' in text
+    assert "python -m mnist_flax.report artifacts --markdown > artifacts/summary.md" in text
+    assert '>> "$GITHUB_STEP_SUMMARY"' in text
+    assert "python -m mnist_flax.compare artifacts" in text and "actions: read" in text
