@@ -5,8 +5,11 @@ Prerequisites that are missing (MNIST, torch) skip their tests locally but fail
 them when $CI is set, so CI cannot pass by skipping.
 """
 
+import atexit
 import importlib
 import os
+import shutil
+import tempfile
 import sys
 from pathlib import Path
 
@@ -25,9 +28,11 @@ from mnist_flax import config as config_lib
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Commands the tests start compile from scratch: nothing written to the user's cache, and
-# timings (tests/test_resume.py interrupts a run mid-training) as on a first run.
-os.environ.setdefault(runtime.COMPILATION_CACHE_ENV, "off")
+# Commands the tests start share one compilation cache, made for the session and removed after
+# it: the user's cache is never touched, and each program compiles once, not once per process.
+_SESSION_CACHE = tempfile.mkdtemp(prefix="mnist-flax-tests-compilation-cache-")
+atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
+os.environ.setdefault(runtime.COMPILATION_CACHE_ENV, _SESSION_CACHE)
 cli.add_xla_flags()  # in-process computations run the kernels the commands run
 
 

@@ -19,7 +19,10 @@ from mnist_flax.errors import CheckpointError
 from mnist_flax.loop import Position
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-QUICK = ["--train-examples", "6400", "--no-plots", "--no-progress"]  # 50 steps of 128
+STEPS = 200
+# Long enough that a signal sent up to 1.5 s after training starts lands mid-run, even with the
+# step's program loaded from the session's compilation cache.
+QUICK = ["--train-examples", str(STEPS * 128), "--no-plots", "--no-progress"]
 
 
 def train_cmd(out, data_dir, manual_dir, *extra):
@@ -65,7 +68,7 @@ def test_interrupted_run_resumes_bit_identical(tmp_path, uninterrupted, mnist_da
     assert code == 128 + sig, stderr[-2000:]
     assert "--resume" in stderr and (out / resume.RESUME_FILE).is_file()
     _, position, _ = resume.load_resume_state(out)
-    assert 0 < position.batch < 50
+    assert 0 < position.batch < STEPS
 
     resumed = run(resume_cmd(out, mnist_data_dir, mnist_manual_dir))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -73,7 +76,7 @@ def test_interrupted_run_resumes_bit_identical(tmp_path, uninterrupted, mnist_da
     assert final.read_bytes() == uninterrupted.read_bytes()  # bit for bit: params and BatchNorm statistics
     assert not (out / resume.RESUME_FILE).exists()  # a finished run leaves nothing to resume
     steps = [int(line.split(",")[0].split(":")[1]) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 51))  # no step logged twice or missing
+    assert steps == list(range(1, STEPS + 1))  # no step logged twice or missing
 
 
 def test_checkpoint_every_and_resume_flags_conflict(tmp_path, mnist_data_dir, mnist_manual_dir):
