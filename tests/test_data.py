@@ -78,8 +78,10 @@ def assert_arrays_equal(actual: data.MnistArrays, expected: data.MnistArrays):
 
 
 @pytest.fixture(autouse=True)
-def no_manual_dir_env(monkeypatch):
+def no_data_env(monkeypatch):
+    """The builders here read only what each test gives them, whatever the environment says."""
     monkeypatch.delenv(data.MANUAL_DIR_ENV, raising=False)
+    monkeypatch.delenv(data.MIRRORS_ENV, raising=False)
 
 
 @pytest.mark.parametrize("gz", [True, False], ids=["gz", "decompressed"])
