@@ -4,10 +4,10 @@
 #
 #   scripts/run_workflow_locally.sh ARTIFACT_DIR
 #
-# Needs, beside the checkout: $ACTIONS_DIR (default ../shared/actions) with GitHub's actions
-# (checkout@v7, setup-python@v7, cache@v5, upload-artifact@v4 and @v7) and $MNIST_DIR (default
-# ../shared/mnist) with the four MNIST IDX files. The uploaded artifact's zip lands under
-# ARTIFACT_DIR. Exits non-zero unless every step passed and the artifact checks out.
+# Needs $ACTIONS_DIR, a folder with GitHub's actions as NAME@MAJOR (checkout@v7, setup-python@v7,
+# cache@v5, upload-artifact@v4), and $MNIST_DIR with the four MNIST IDX files; run it in the
+# project's virtualenv. The uploaded artifact's zip lands under ARTIFACT_DIR. Exits non-zero
+# unless every step passed and the artifact checks out.
 #
 # What differs from GitHub is passed as repository variables, which the workflow reads:
 # MNIST_FLAX_MANUAL_DIR (MNIST's folder), TORCH_INDEX_URL=none (PyTorch's CPU build comes from
@@ -24,8 +24,8 @@ set -euo pipefail
 
 artifact_dir=${1:?usage: scripts/run_workflow_locally.sh ARTIFACT_DIR}
 repo=$(cd "$(dirname "$0")/.." && pwd)
-actions=$(cd "${ACTIONS_DIR:-$repo/../shared/actions}" && pwd)
-mnist=$(cd "${MNIST_DIR:-$repo/../shared/mnist}" && pwd)
+actions=$(cd "${ACTIONS_DIR:?set ACTIONS_DIR to the folder of GitHub's actions}" && pwd)
+mnist=$(cd "${MNIST_DIR:?set MNIST_DIR to the folder of the MNIST IDX files}" && pwd)
 mkdir -p "$artifact_dir"
 artifact_dir=$(cd "$artifact_dir" && pwd)
 state=${ACT_STATE:-$artifact_dir/../act-state}
