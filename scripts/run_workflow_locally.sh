@@ -24,7 +24,7 @@ set -euo pipefail
 
 artifact_dir=${1:?usage: scripts/run_workflow_locally.sh ARTIFACT_DIR}
 repo=$(cd "$(dirname "$0")/.." && pwd)
-actions=$(cd "${ACTIONS_DIR:?set ACTIONS_DIR to the folder of GitHub's actions}" && pwd)
+actions=$(cd "${ACTIONS_DIR:?set ACTIONS_DIR to the folder of the GitHub actions}" && pwd)
 mnist=$(cd "${MNIST_DIR:?set MNIST_DIR to the folder of the MNIST IDX files}" && pwd)
 mkdir -p "$artifact_dir"
 artifact_dir=$(cd "$artifact_dir" && pwd)
