@@ -47,7 +47,11 @@ if [ ! -f "$state/toolcache/Python/$py_version/x64.complete" ]; then
   touch "$state/toolcache/Python/$py_version/x64.complete"
 fi
 
-# A clean home for act (it keeps checkouts there), and a clean copy of the work tree's files.
+# A free port for the artifact server (its default is fixed, so two runs would collide); the cache
+# server picks one itself.
+artifact_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+
+# A clean home for act (it keeps checkouts there).
 home=$(mktemp -d)
 trap 'rm -rf "$home"' EXIT
 cd "$repo"
@@ -61,7 +65,7 @@ HOME=$home "$state/act-venv/bin/act" push \
   --local-repository "actions/cache@v5=$actions/cache@v5" \
   --local-repository "actions/upload-artifact@v7=$actions/upload-artifact@v4" \
   --action-offline-mode \
-  --artifact-server-addr 127.0.0.1 --artifact-server-path "$artifact_dir" \
+  --artifact-server-addr 127.0.0.1 --artifact-server-port "$artifact_port" --artifact-server-path "$artifact_dir" \
   --cache-server-addr 127.0.0.1 --cache-server-path "$state/cache" \
   --env RUNNER_TOOL_CACHE="$state/toolcache" --env AGENT_TOOLSDIRECTORY="$state/toolcache" \
   --var MNIST_FLAX_MANUAL_DIR="$mnist" \
