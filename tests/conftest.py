@@ -10,7 +10,6 @@ import importlib
 import os
 import shutil
 import tempfile
-import sys
 from pathlib import Path
 
 import jax

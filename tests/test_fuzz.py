@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import io
 import json
-import pickle
 import resource
 import signal
 import struct

@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 
 from conftest import REPO, require_torch
 from mnist_flax import sidecar

@@ -10,7 +10,7 @@ import pytest
 from mnist_flax import batches, loop, optim, step, train
 from mnist_flax import config as config_lib
 from mnist_flax.batches import Batch
-from mnist_flax.model import CNN, ConvBNReLU, check_images, normalize
+from mnist_flax.model import ConvBNReLU, check_images, normalize
 
 
 def fixed_batch(seed=0, size=32):
