@@ -11,6 +11,7 @@ import io
 import json
 import re
 import socket
+import sys
 import threading
 import time
 import urllib.error
@@ -135,9 +136,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return self.reply(404, {"message": "Not Found"})
 
 
+class QuietServer(http.server.ThreadingHTTPServer):
+    """A client that hangs up mid-reply (the downloader refusing a redirect) is no server error:
+    without this, its BrokenPipeError traceback lands on the test's captured stderr."""
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
+
+
 @pytest.fixture
 def gh(monkeypatch, tmp_path):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = QuietServer(("127.0.0.1", 0), Handler)
     server.gh = FakeGitHub(server.server_address[1])
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
