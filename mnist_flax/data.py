@@ -25,6 +25,7 @@ try:
 except ImportError:  # Windows: no advisory locks; concurrent first prepares are not serialised there
     fcntl = None
 
+from mnist_flax import decoded
 from mnist_flax.errors import DataError
 
 MANUAL_DIR_ENV = "MNIST_FLAX_MANUAL_DIR"
@@ -223,13 +224,18 @@ class MnistIdx(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             yield i, {"image": image, "label": int(label)}
 
 
-def read_split(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """All images and labels of a prepared split, in record order."""
+def decode_split(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """All images and labels of a prepared split, in record order, decoded by TFDS."""
     source = builder.as_data_source(split=split)
     records = source.__getitems__(range(len(source)))  # One batched read, not 60,000 lookups.
     images = np.stack([r["image"] for r in records]) if records else np.zeros((0, 28, 28, 1), np.uint8)
     labels = np.array([r["label"] for r in records], dtype=np.int32)
     return images, labels
+
+
+def read_split(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """A prepared split's arrays: decoded once, then kept beside it (decoded.py)."""
+    return decoded.read_split(builder.data_dir, split, lambda: decode_split(builder, split))
 
 
 @contextlib.contextmanager

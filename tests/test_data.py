@@ -4,6 +4,8 @@ import functools
 import gzip
 import hashlib
 import http.server
+import os
+import shutil
 import socket
 import struct
 import threading
@@ -14,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mnist_flax import config, data
+from mnist_flax import config, data, decoded
 from mnist_flax.errors import DataError
 
 TINY_COUNTS = {"train": 20, "test": 10}
@@ -333,3 +335,71 @@ def test_real_mnist(mnist_arrays):
         counts = np.bincount(labels, minlength=10)
         assert len(counts) == 10 and counts.min() > low and counts.max() < high, counts
     assert a.train_images.mean() / 255 == pytest.approx(config.MNIST_MEAN, abs=1e-4)
+
+
+# --------------------------------------------------------------------------- decoded arrays kept beside TFDS's
+
+
+def prepared_tiny(tmp_path):
+    """A builder class and data dir with the tiny set prepared (and its decoded arrays kept)."""
+    files = tiny_idx_set()
+    cls = tiny_builder_cls(files)
+    manual = write_set(tmp_path / "manual", files)
+    data.load_builder(cls(data_dir=tmp_path / "tfds", manual_dir=manual))
+    return cls, tmp_path / "tfds", manual, expected_arrays(files)
+
+
+def load_counting_decodes(cls, data_dir, manual, monkeypatch):
+    calls = []
+    real = data.decode_split
+    monkeypatch.setattr(data, "decode_split", lambda b, split: calls.append(split) or real(b, split))
+    return data.load_builder(cls(data_dir=data_dir, manual_dir=manual)), calls
+
+
+def test_decoded_arrays_are_kept_and_used(tmp_path, monkeypatch):
+    cls, data_dir, manual, expected = prepared_tiny(tmp_path)
+    arrays, decodes = load_counting_decodes(cls, data_dir, manual, monkeypatch)
+    assert decodes == []  # both splits came from the kept arrays
+    assert_arrays_equal(arrays, expected)
+
+
+@pytest.mark.parametrize("damage", ["flip a byte", "truncate", "delete", "garbage manifest"])
+def test_damaged_decoded_arrays_are_decoded_again(tmp_path, monkeypatch, damage):
+    cls, data_dir, manual, expected = prepared_tiny(tmp_path)
+    [kept] = data_dir.glob(f"*/*/{decoded.DIR}")
+    npz = kept / "test.npz"
+    if damage == "flip a byte":
+        raw = bytearray(npz.read_bytes())
+        raw[len(raw) // 2] ^= 0x01  # a pixel, most likely: still a valid .npz, different values
+        npz.write_bytes(bytes(raw))
+    elif damage == "truncate":
+        npz.write_bytes(npz.read_bytes()[:100])
+    elif damage == "delete":
+        npz.unlink()
+    else:
+        (kept / decoded.MANIFEST).write_text("{not json")
+    arrays, decodes = load_counting_decodes(cls, data_dir, manual, monkeypatch)
+    assert_arrays_equal(arrays, expected)
+    assert "test" in decodes
+    _, decodes = load_counting_decodes(cls, data_dir, manual, monkeypatch)  # rewritten: used again
+    assert decodes == []
+
+
+def test_replaced_tfds_files_invalidate_the_decoded_arrays(tmp_path, monkeypatch):
+    cls, data_dir, manual, expected = prepared_tiny(tmp_path)
+    [shard] = data_dir.glob("*/*/*-train.array_record*")
+    stat = shard.stat()
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # as a re-prepare would
+    arrays, decodes = load_counting_decodes(cls, data_dir, manual, monkeypatch)
+    assert decodes == ["train"]
+    assert_arrays_equal(arrays, expected)
+
+
+def test_a_read_only_data_dir_still_loads(tmp_path, monkeypatch):
+    cls, data_dir, manual, expected = prepared_tiny(tmp_path)
+    [kept] = data_dir.glob(f"*/*/{decoded.DIR}")
+    shutil.rmtree(kept)
+    monkeypatch.setattr(decoded, "atomic_write_bytes", lambda *a: (_ for _ in ()).throw(PermissionError("ro")))
+    arrays, decodes = load_counting_decodes(cls, data_dir, manual, monkeypatch)
+    assert sorted(decodes) == ["test", "train"]
+    assert_arrays_equal(arrays, expected)
