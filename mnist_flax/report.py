@@ -163,9 +163,8 @@ def plot_per_class_accuracy(record: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def plot_misclassified(variables: dict, images: np.ndarray, labels: np.ndarray, path: Path) -> Path | None:
-    from mnist_flax.step import predict_probabilities  # JAX: import only when drawing this
-    probabilities = predict_probabilities(variables, images)
+def plot_misclassified(probabilities: np.ndarray, images: np.ndarray, labels: np.ndarray, path: Path) -> Path | None:
+    """The most confident mistakes as one image grid: one axes, not one per digit, which is ~5x faster."""
     predicted = probabilities.argmax(-1)
     wrong = np.flatnonzero(predicted != labels)
     if len(wrong) == 0:
@@ -176,24 +175,32 @@ def plot_misclassified(variables: dict, images: np.ndarray, labels: np.ndarray, 
     shown = wrong[np.argsort(-confidence, kind="stable")][: rows * cols]
     cols = min(cols, len(shown))  # a handful of mistakes: no empty columns
     rows = -(-len(shown) // cols)
+    side, gap, title = images.shape[1], 4, 9  # pixels: digit, gap between digits, room for the caption
+    cell_w, cell_h = side + gap, side + gap + title
+    grid = np.full((rows * cell_h, cols * cell_w), np.nan)  # NaN: background
     fig = new_figure(1.45 * cols, 1.65 * rows + 0.5)
-    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
-    for ax in axes:
-        ax.axis("off")
-    for ax, i in zip(axes, shown):
-        ax.imshow(images[i, :, :, 0], cmap="gray_r", vmin=0, vmax=255)
-        ax.set_title(f"true {labels[i]} / pred {predicted[i]} ({probabilities[i, predicted[i]]:.2f})", fontsize=8.5)
+    ax = fig.subplots()
+    ax.axis("off")
+    for k, i in enumerate(shown):
+        top, left = (k // cols) * cell_h + title, (k % cols) * cell_w
+        grid[top:top + side, left:left + side] = images[i, :, :, 0]
+        ax.text(left + side / 2, top - 1, f"true {labels[i]} / pred {predicted[i]} ({probabilities[i, predicted[i]]:.2f})",
+                ha="center", va="bottom", fontsize=8)
+    ax.imshow(np.ma.masked_invalid(grid), cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
     fig.suptitle(f"Most confident mistakes: {len(shown)} of {len(wrong):,} misclassified test images",
                  fontsize=11)
     return save_figure(fig, path)
 
 
-def write_plots(checkpoint_path: str | Path, data=None, output_dir: str | Path | None = None) -> list[Path]:
+def write_plots(checkpoint_path: str | Path, data=None, output_dir: str | Path | None = None,
+                probabilities: np.ndarray | None = None) -> list[Path]:
     """Draws the report's PNGs for a checkpoint; returns the paths written.
 
     `data` is an `MnistArrays` (only its test split is used); without it MNIST is
-    loaded with `load_mnist()`'s defaults. Plots go beside the checkpoint unless
-    `output_dir` is given. A run without metrics.jsonl gets no training curves.
+    loaded with `load_mnist()`'s defaults. `probabilities` are the checkpoint's on that
+    test split, when the caller has them already (training just evaluated it); else they
+    are computed. Plots go beside the checkpoint unless `output_dir` is given. A run
+    without metrics.jsonl gets no training curves.
     """
     path = Path(checkpoint_path)
     variables, record = load_run(path)
@@ -214,7 +221,12 @@ def write_plots(checkpoint_path: str | Path, data=None, output_dir: str | Path |
     if data is None:
         from mnist_flax.data import load_mnist
         data = load_mnist()
-    drawn = plot_misclassified(variables, data.test_images, data.test_labels, out / MISCLASSIFIED_FILE)
+    if probabilities is None:
+        from mnist_flax.step import predict_probabilities  # JAX: import only when drawing this
+        probabilities = predict_probabilities(variables, data.test_images)
+    if np.shape(probabilities) != (len(data.test_images), NUM_CLASSES):
+        raise ValueError(f"probabilities of shape {np.shape(probabilities)} for {len(data.test_images)} test images")
+    drawn = plot_misclassified(probabilities, data.test_images, data.test_labels, out / MISCLASSIFIED_FILE)
     written += [drawn] if drawn else []
     return written
 

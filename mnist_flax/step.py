@@ -154,11 +154,16 @@ def predict_probabilities(variables: dict, images: np.ndarray, batch_size: int =
 def evaluate(variables: dict, images: np.ndarray, labels: np.ndarray, batch_size: int = EVAL_BATCH_SIZE,
              model: nn.Module | None = None) -> dict:
     """Accuracy, per-class accuracy and confusion matrix (rows: true, columns: predicted)."""
-    predicted = predict_probabilities(variables, images, batch_size, model).argmax(-1)
+    return test_metrics(predict_probabilities(variables, images, batch_size, model), labels)
+
+
+def test_metrics(probabilities: np.ndarray, labels: np.ndarray) -> dict:
+    """evaluate()'s metrics from the probabilities already computed for `labels`' images."""
+    predicted = probabilities.argmax(-1)
     confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
     np.add.at(confusion, (labels, predicted), 1)
     correct = int(np.trace(confusion))
     per_class = np.diag(confusion) / np.maximum(confusion.sum(axis=1), 1)
-    return {"accuracy": correct / len(images), "correct": correct, "count": len(images),
+    return {"accuracy": correct / len(labels), "correct": correct, "count": len(labels),
             "per_class_accuracy": [round(float(a), 6) for a in per_class],
             "confusion_matrix": confusion.tolist()}

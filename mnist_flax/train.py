@@ -204,7 +204,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, data: MnistArrays, *
         return result
 
     variables = jax.device_get(step.model_variables(state))
-    test = step.evaluate(variables, data.test_images, data.test_labels)
+    probabilities = step.predict_probabilities(variables, data.test_images)  # once: the plots reuse them
+    test = step.test_metrics(probabilities, data.test_labels)
     result = dataclasses.replace(result, test_metrics=test, metadata=run_metadata(result, test, state))
     if not primary:
         return result
@@ -215,7 +216,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, data: MnistArrays, *
     print(summary(result), flush=True)  # before the plots, so a plotting failure cannot hide it
     if options.plots:
         from mnist_flax import report  # matplotlib is slow to import: only when used
-        result = dataclasses.replace(result, plots=tuple(report.write_plots(path, data=data)))
+        plots = report.write_plots(path, data=data, probabilities=probabilities)
+        result = dataclasses.replace(result, plots=tuple(plots))
         print(f"plots:          {', '.join(p.name for p in result.plots)}")
     return result
 

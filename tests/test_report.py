@@ -120,6 +120,22 @@ def test_output_dir_and_no_sidecar(run_dir, tmp_path):
         report.markdown_summary(bare)
 
 
+def test_given_probabilities_are_used_not_recomputed(run_dir, tmp_path, monkeypatch):
+    """Training passes the probabilities it evaluated: the report must not run the model again."""
+    from mnist_flax import step
+    _, path, _ = run_dir
+    data = fake_data(12)
+    monkeypatch.setattr(step, "predict_probabilities", lambda *a, **k: pytest.fail("recomputed"))
+    all_right = np.eye(10)[data.test_labels]
+    written = report.write_plots(path, data=data, output_dir=tmp_path / "right", probabilities=all_right)
+    assert report.MISCLASSIFIED_FILE not in {p.name for p in written}  # no mistakes: nothing to show
+    one_wrong = np.eye(10)[(data.test_labels + (np.arange(12) == 5)) % 10]
+    written = report.write_plots(path, data=data, output_dir=tmp_path / "wrong", probabilities=one_wrong)
+    assert report.MISCLASSIFIED_FILE in {p.name for p in written}
+    with pytest.raises(ValueError, match="probabilities of shape"):
+        report.write_plots(path, data=data, output_dir=tmp_path / "bad", probabilities=one_wrong[:5])
+
+
 def test_markdown_summary(run_dir):
     _, path, _ = run_dir
     text = report.markdown_summary(path)
