@@ -46,9 +46,15 @@ def model_for(config: Config) -> nn.Module:
 def create_train_state(config: Config, model: nn.Module | None = None) -> TrainState:
     """A fresh run: the model initialised from the config's seed, and its optimiser.
 
-    The state's `apply_fn` is the model's own `apply`: the module is what trains.
+    The state's `apply_fn` is the model's own `apply`: the module is what trains. One
+    compiled program (cached like the others), not op-by-op: half the time when warm, and
+    the same values.
     """
-    model = model or model_for(config)
+    return _create_train_state(config, model or model_for(config))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _create_train_state(config: Config, model: nn.Module) -> TrainState:
     init_key, _, dropout_key = rng_streams(config.seed)
     variables = init_variables(init_key, model)
     return TrainState.create(

@@ -1,6 +1,7 @@
 """The network's contract: shapes, dtypes, parameter counts, input validation."""
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,3 +124,17 @@ def test_mask_makes_padding_irrelevant(variables):
     masked, s2 = CNN().apply(variables, padded, train=True, mask=mask, mutable=["batch_stats"])
     chex.assert_trees_all_close(masked[:5], alone, atol=1e-5)
     chex.assert_trees_all_close(s1, s2, atol=1e-5)
+
+
+def test_kernels_drawn_flat_are_the_initializers_own_values(variables):
+    """drawn_flat only changes how XLA compiles the draw, never the numbers or their scale."""
+    from mnist_flax import model
+    base = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+    key = jax.random.key(7)
+    kernels = {name: p["kernel"] for name, p in variables["params"].items() if "kernel" in p}  # not bn*
+    assert {k.ndim for k in kernels.values()} == {2, 4}  # the conv kernels and fc's
+    for name, kernel in kernels.items():
+        flat = model.drawn_flat(base)(key, kernel.shape)
+        chex.assert_trees_all_equal(flat, base(key, kernel.shape))
+        bound = 1 / np.sqrt(np.prod(kernel.shape[:-1]))  # PyTorch's +-1/sqrt(fan_in)
+        assert 0.9 * bound < float(jnp.abs(kernel).max()) <= bound, name
