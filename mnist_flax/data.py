@@ -194,7 +194,8 @@ class MnistIdx(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _split_generators(self, dl_manager):
         # Read and verify every file before TFDS writes anything, so a bad file fails fast.
-        return {split: self._generate_examples(*self._load_split(split, dl_manager)) for split in SPLIT_FILES}
+        self.prepared_arrays = {split: self._load_split(split, dl_manager) for split in SPLIT_FILES}
+        return {split: self._generate_examples(*arrays) for split, arrays in self.prepared_arrays.items()}
 
     def _load_split(self, split: str, dl_manager) -> tuple[np.ndarray, np.ndarray]:
         n = self.NUM_EXAMPLES[split]
@@ -203,7 +204,7 @@ class MnistIdx(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         labels = self._load_file(labels_name, (n,), dl_manager)
         if labels.max(initial=0) > 9:
             raise DataError(f"{labels_name} holds label {labels.max()}, MNIST labels are 0-9.")
-        return images[..., None], labels
+        return images[..., None], labels.astype(np.int32)
 
     def _load_file(self, name: str, dims: tuple[int, ...], dl_manager) -> np.ndarray:
         if self._manual_dir is not None:
@@ -234,8 +235,14 @@ def decode_split(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.ndar
 
 
 def read_split(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """A prepared split's arrays: decoded once, then kept beside it (decoded.py)."""
-    return decoded.read_split(builder.data_dir, split, lambda: decode_split(builder, split))
+    """A prepared split's arrays: decoded once, then kept beside it (decoded.py).
+
+    A builder that has just prepared the split still holds the verified IDX arrays TFDS
+    wrote (record i is image i): those are kept instead of decoding the records back.
+    """
+    prepared = getattr(builder, "prepared_arrays", {}).get(split)
+    return decoded.read_split(builder.data_dir, split, lambda: tuple(map(np.array, prepared)) if prepared  # copies: writable,
+                                 else decode_split(builder, split))     # like decoded ones
 
 
 @contextlib.contextmanager
@@ -268,7 +275,9 @@ def load_builder(builder: tfds.core.DatasetBuilder) -> MnistArrays:
         builder.download_and_prepare()
     if not builder.info.splits:  # another process prepared it after this builder read its (empty) info
         builder.info.read_from_directory(builder.data_dir)
-    return MnistArrays(*read_split(builder, "train"), *read_split(builder, "test"))
+    arrays = MnistArrays(*read_split(builder, "train"), *read_split(builder, "test"))
+    builder.prepared_arrays = {}  # 55 MB the caller now holds as `arrays`
+    return arrays
 
 
 def load_mnist(data_dir: str | None = None, manual_dir: str | None = None) -> MnistArrays:

@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 _SESSION_CACHE = tempfile.mkdtemp(prefix="mnist-flax-tests-compilation-cache-")
 atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
 os.environ.setdefault(runtime.COMPILATION_CACHE_ENV, _SESSION_CACHE)
+runtime.enable_compilation_cache()  # and this process too: what a fixture compiled, a command loads
 cli.add_xla_flags()  # in-process computations run the kernels the commands run
 
 

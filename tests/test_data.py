@@ -363,6 +363,19 @@ def test_decoded_arrays_are_kept_and_used(tmp_path, monkeypatch):
     assert_arrays_equal(arrays, expected)
 
 
+def test_the_preparing_run_keeps_the_arrays_it_wrote_without_decoding(tmp_path, monkeypatch):
+    files = tiny_idx_set()
+    manual = write_set(tmp_path / "manual", files)
+    arrays, decodes = load_counting_decodes(tiny_builder_cls(files), tmp_path / "tfds", manual, monkeypatch)
+    assert decodes == []  # prepared here: the IDX arrays themselves were kept
+    assert_arrays_equal(arrays, expected_arrays(files))
+    assert all(a.flags.writeable for a in arrays)
+    [kept] = (tmp_path / "tfds").glob(f"*/*/{decoded.DIR}")
+    shutil.rmtree(kept)  # what TFDS decodes from its records is the same
+    assert_arrays_equal(data.load_builder(tiny_builder_cls(files)(data_dir=tmp_path / "tfds", manual_dir=manual)),
+                        arrays)
+
+
 @pytest.mark.parametrize("damage", ["flip a byte", "truncate", "delete", "garbage manifest"])
 def test_damaged_decoded_arrays_are_decoded_again(tmp_path, monkeypatch, damage):
     cls, data_dir, manual, expected = prepared_tiny(tmp_path)
