@@ -79,7 +79,10 @@ def pytest_terminal_summary(terminalreporter):
 @pytest.fixture(scope="session")
 def mnist_data_dir(mnist_manual_dir, tmp_path_factory) -> Path:
     """A temporary TFDS data dir with the real MNIST prepared in it, once per session."""
-    data_dir = tmp_path_factory.mktemp("tfds_data")
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # one data dir for all workers; data.py's lock serialises the prepare
+        data_dir = tmp_path_factory.getbasetemp().parent / "tfds_data"
+    else:
+        data_dir = tmp_path_factory.mktemp("tfds_data")
     data.load_mnist(data_dir=str(data_dir), manual_dir=str(mnist_manual_dir))
     return data_dir
 
