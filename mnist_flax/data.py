@@ -241,8 +241,13 @@ def read_split(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.ndarra
     wrote (record i is image i): those are kept instead of decoding the records back.
     """
     prepared = getattr(builder, "prepared_arrays", {}).get(split)
-    return decoded.read_split(builder.data_dir, split, lambda: tuple(map(np.array, prepared)) if prepared  # copies: writable,
-                                 else decode_split(builder, split))     # like decoded ones
+
+    def decode() -> tuple[np.ndarray, np.ndarray]:
+        if prepared:  # copied: the IDX arrays are read-only views, decoded ones are writable
+            return tuple(np.array(a) for a in prepared)
+        return decode_split(builder, split)
+
+    return decoded.read_split(builder.data_dir, split, decode)
 
 
 @contextlib.contextmanager

@@ -82,9 +82,6 @@ class BatchNorm(nn.Module):
         return (x - batch_mean) * jax.lax.rsqrt(batch_var + self.epsilon) * scale + bias
 
 
-# PyTorch's default initialisation for Conv2d and Linear: weights and biases uniform in
-# +-1/sqrt(fan_in). Flax's defaults (LeCun normal, zero bias) train differently, and the point
-# here is to mirror the original.
 def drawn_flat(init: Callable) -> Callable:
     """A fan-in initializer that draws its numbers as a 2-D (fan_in, features) array, then reshapes.
 
@@ -98,6 +95,9 @@ def drawn_flat(init: Callable) -> Callable:
     return flat
 
 
+# PyTorch's default initialisation for Conv2d and Linear: weights and biases uniform in
+# +-1/sqrt(fan_in). Flax's defaults (LeCun normal, zero bias) train differently, and the point
+# here is to mirror the original.
 torch_kernel_init = drawn_flat(nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"))
 
 
