@@ -1,7 +1,11 @@
-"""Weights in the original PyTorch layout (safetensors or npz), and back to a Flax checkpoint.
+"""Weights in the original PyTorch layout (safetensors or npz) or as an ONNX model, and back to Flax.
 
-    python -m mnist_flax.export CHECKPOINT_OR_DIR [--format {safetensors,npz}] [-o PATH]
+    python -m mnist_flax.export CHECKPOINT_OR_DIR [--format {safetensors,npz,onnx}] [-o PATH]
     python -m mnist_flax.export --from-torch WEIGHTS.safetensors -o OUT.msgpack
+
+`--format onnx` writes the whole eval-mode network (onnx_graph.py), not a state dict: uint8
+pixels (N, 28, 28, 1) in, logits (N, 10) out. It is checked by onnx.checker and, before the
+file is written, against the Flax model in onnxruntime. It needs the `onnx` extra.
 
 The exported keys are exactly the state_dict of the PyTorch original
 (pytorch_original/model.py in the repository), so `load_state_dict(..., strict=True)`
@@ -38,13 +42,21 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from mnist_flax import __version__, checkpoint, cli, sidecar
+from mnist_flax import __version__, checkpoint, cli, sidecar, step
 from mnist_flax import config as config_lib
 from mnist_flax.atomic import atomic_write_bytes
-from mnist_flax.errors import CheckpointError
+from mnist_flax.config import IMAGE_SHAPE
+from mnist_flax.errors import CheckpointError, MnistFlaxError
 from mnist_flax.model import CNN, example_images, layer_order
 
-FORMATS = {"safetensors": ".safetensors", "npz": ".npz"}
+FORMATS = {"safetensors": ".safetensors", "npz": ".npz", "onnx": ".onnx"}
+ONNX_EXTRA = "pip install 'mnist-flax[onnx]'"
+ONNX_LAYOUT_NOTE = ("input 'images': uint8 (N, 28, 28, 1) NHWC pixels 0..255, a white digit on black as in MNIST "
+                    "(mnist_flax.predict prepares photos and drawings so); normalised inside the graph. "
+                    "output 'logits': float32 (N, 10); softmax gives the probabilities. Eval mode (running "
+                    "BatchNorm statistics)")
+ONNX_CHECK_IMAGES = 256  # random uint8 images every ONNX export is checked on before it is written
+ONNX_LOGIT_TOLERANCE = 1e-4
 # Our safetensors header is ~2 KB of JSON; safetensors itself allows 100 MB,
 # which is far more than we will parse from a file someone handed us.
 MAX_HEADER_BYTES = 64 * 1024
@@ -264,13 +276,16 @@ def _npy_nbytes(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> int:
 
 
 def export_checkpoint(path: str | Path, fmt: str, output: str | Path | None = None) -> tuple[Path, int, str]:
-    """Writes the checkpoint's weights in PyTorch layout; returns (path, num_batches_tracked, its source)."""
+    """Writes the checkpoint in `fmt`; returns (path, num_batches_tracked, its source)."""
     path = checkpoint.find(path)
     variables, record = checkpoint.load_checkpoint(path)
     steps, steps_source = num_batches_from_sidecar(record)
-    state = flax_to_torch_state(variables, steps)
     out = Path(output) if output else path.with_suffix(FORMATS[fmt])
     check_output_dir(out)
+    if fmt == "onnx":  # the network itself; BatchNorm's update count is not part of it
+        atomic_write_bytes(out, onnx_bytes(variables, path, record))
+        return out, steps, steps_source
+    state = flax_to_torch_state(variables, steps)
     if fmt == "npz":
         # npz has no metadata slot, and an extra array would break load_state_dict(strict=True).
         data = state_to_npz(state)
@@ -290,6 +305,31 @@ def export_checkpoint(path: str | Path, fmt: str, output: str | Path | None = No
         data = state_to_safetensors(state, metadata)
     atomic_write_bytes(out, data)
     return out, steps, steps_source
+
+
+def onnx_bytes(variables: dict, path: Path, record: dict | None) -> bytes:
+    """The serialised ONNX model of the checkpoint at `path`, checked in onnxruntime against Flax."""
+    try:
+        import onnxruntime
+
+        from mnist_flax import onnx_graph
+    except ImportError as e:
+        raise MnistFlaxError(f"--format onnx needs the onnx extra ({e.name} is not installed): {ONNX_EXTRA}") from None
+    metadata = {"layout": ONNX_LAYOUT_NOTE, "source_checkpoint": path.name,
+                "source_sha256": sidecar.sha256_hex(path.read_bytes()), "opset": str(onnx_graph.OPSET),
+                "exported_by": f"mnist_flax {__version__}", "exported": checkpoint.utc_now_iso()}
+    if record and "test_accuracy" in record:
+        metadata["test_accuracy"] = repr(record["test_accuracy"])
+    data = onnx_graph.to_onnx(variables, metadata).SerializeToString()
+    images = np.random.default_rng(0).integers(0, 256, (ONNX_CHECK_IMAGES, *IMAGE_SHAPE), np.uint8)
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    got = session.run([onnx_graph.OUTPUT], {onnx_graph.INPUT: images})[0]
+    want = np.asarray(step.predict_logits(variables, images))
+    if np.abs(got - want).max() > ONNX_LOGIT_TOLERANCE or (got.argmax(1) != want.argmax(1)).any():
+        raise MnistFlaxError(f"the ONNX graph's logits differ from the Flax model's by {np.abs(got - want).max():.2g} "
+                             f"on check images (tolerance {ONNX_LOGIT_TOLERANCE}); nothing was written. "
+                             "This is a bug in mnist_flax's ONNX translation: please report it")
+    return data
 
 
 def import_weights(path: str | Path, output: str | Path) -> Path:
@@ -357,9 +397,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if not args.checkpoint:
         raise cli.UsageError("give a CHECKPOINT to export, or --from-torch WEIGHTS -o OUT.msgpack")
-    fmt = args.format or ("npz" if args.output and args.output.endswith(".npz") else "safetensors")
+    by_suffix = {suffix: name for name, suffix in FORMATS.items()}
+    fmt = args.format or by_suffix.get(Path(args.output or "").suffix, "safetensors")
     out, steps, steps_source = export_checkpoint(args.checkpoint, fmt, args.output)
-    print(f"wrote {out} ({fmt}, PyTorch layout; num_batches_tracked={steps}: {steps_source})")
+    if fmt == "onnx":
+        print(f"wrote {out} (ONNX, uint8 NHWC images in, logits out; checked in onnxruntime)")
+    else:
+        print(f"wrote {out} ({fmt}, PyTorch layout; num_batches_tracked={steps}: {steps_source})")
     return 0
 
 

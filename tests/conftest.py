@@ -1,7 +1,7 @@
 """Shared fixtures: where the real MNIST IDX files are, and MNIST prepared once per session;
 a briefly trained checkpoint, and the PyTorch original (pytorch_original/) for parity tests.
 
-Prerequisites that are missing (MNIST, torch) skip their tests locally but fail
+Prerequisites that are missing (MNIST, torch, the onnx and serve extras) skip their tests locally but fail
 them when $CI is set, so CI cannot pass by skipping.
 """
 
@@ -96,14 +96,18 @@ def mnist_arrays(mnist_manual_dir, mnist_data_dir) -> data.MnistArrays:
 TRAIN_STEPS = 200  # ~97% test accuracy in ~20 s on a laptop CPU: enough to make parity meaningful
 
 
-def require_torch():
-    """The torch module; skips the test without it, or fails it when $CI is set."""
+def require(module: str, install: str):
+    """The module; skips the test without it, or fails it when $CI is set (CI installs every extra)."""
     try:
-        return importlib.import_module("torch")
+        return importlib.import_module(module)
     except ImportError:
         if os.environ.get("CI"):
-            pytest.fail("torch is required when $CI is set (the CPU build, torch==2.13.*)")
-        return pytest.importorskip("torch")
+            pytest.fail(f"{module} is required when $CI is set: {install}")
+        return pytest.importorskip(module)
+
+
+def require_torch():
+    return require("torch", "the CPU build, torch==2.13.*")
 
 
 @pytest.fixture(scope="session")
