@@ -27,10 +27,10 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mnist_flax import checkpoint, cli, step
 from mnist_flax.errors import ImageError
@@ -49,10 +49,14 @@ class Prepared(NamedTuple):
     inverted: bool
 
 
-def read_grayscale(path: str | Path) -> np.ndarray:
-    """The image as uint8 (H, W) grayscale; ImageError if it is not a readable PNG/JPEG."""
+def read_grayscale(source: str | Path | BinaryIO, name: str | None = None) -> np.ndarray:
+    """The image (a path, or an open binary file such as an upload) as uint8 (H, W) grayscale.
+
+    ImageError, naming it `name` (default: the path), if it is not a readable PNG/JPEG.
+    """
+    path = source if name is None else name
     try:
-        with Image.open(path, formats=FORMATS) as im:
+        with Image.open(source, formats=FORMATS) as im:
             if im.width * im.height > MAX_PIXELS:
                 raise ImageError(f"{path}: {im.width}x{im.height} is too large for a digit image")
             im = ImageOps.exif_transpose(im)  # phone photos store rotation in EXIF
@@ -63,6 +67,8 @@ def read_grayscale(path: str | Path) -> np.ndarray:
         raise ImageError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ImageError(f"{path}: is a directory") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not a readable PNG or JPEG image (not a valid file of either format)") from None
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         # UnidentifiedImageError is an OSError; truncated data raises OSError or SyntaxError.
         raise ImageError(f"{path}: not a readable PNG or JPEG image ({e})") from None
@@ -118,8 +124,13 @@ def center_by_mass(patch: np.ndarray) -> np.ndarray:
     return np.round(canvas).astype(np.uint8)
 
 
-def prepare(path: str | Path) -> Prepared:
-    return to_mnist(read_grayscale(path), str(path))
+def prepare(source: str | Path | BinaryIO, name: str | None = None) -> Prepared:
+    """A PNG/JPEG file (path or open binary file) as the 28x28 image the network classifies.
+
+    The one preprocessing of every user image: this command and mnist_flax.serve call it.
+    """
+    name = str(source) if name is None else name
+    return to_mnist(read_grayscale(source, name), name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

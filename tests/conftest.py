@@ -7,8 +7,10 @@ them when $CI is set, so CI cannot pass by skipping.
 
 import atexit
 import importlib
+import importlib.util
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -145,3 +147,22 @@ def torch_original():
     """The repository's PyTorch original (pytorch_original/), with torch imported."""
     require_torch()
     return importlib.import_module("pytorch_original")
+
+
+@pytest.fixture(scope="session")
+def served_url(trained_checkpoint):
+    """A real `python -m mnist_flax.serve` process serving the trained checkpoint; its base URL."""
+    require("fastapi", "pip install 'mnist-flax[serve]'")
+    load_test = load_script("load_test")
+    proc, url = load_test.start_server(str(trained_checkpoint))
+    yield url
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends: uvicorn shuts down cleanly, status 0
+    assert proc.wait(30) == 0
+
+
+def load_script(name: str):
+    """scripts/NAME.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
