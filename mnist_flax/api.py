@@ -102,7 +102,7 @@ def png_base64(image: np.ndarray) -> str:
 
 def classify(classifier: Classifier, data: bytes) -> Prediction:
     if not data:
-        raise ApiError(400, "the body is empty; send a PNG or JPEG image of one digit")
+        raise ApiError(400, f"{UPLOAD_NAME}: it is empty (0 bytes); send a PNG or JPEG image of one digit")
     try:
         prepared = predict.prepare(io.BytesIO(data), UPLOAD_NAME)
     except ImageError as e:

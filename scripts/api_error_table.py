@@ -81,7 +81,7 @@ class Case:
 MULTIPART = "multipart/form-data; boundary=mnistflaxboundary"
 CASES = [
     Case("a body over 1 MiB", "image/png", digit() + b"\x00" * api.MAX_BODY_BYTES, 413, "send a smaller image"),
-    Case("no body", "image/png", b"", 400, "the body is empty"),
+    Case("no body", "image/png", b"", 400, "it is empty (0 bytes)"),
     Case("text, not an image", "image/png", b"hello, this is not a PNG", 400, "not a readable PNG or JPEG"),
     Case("a GIF", "image/png", b"GIF89a" + bytes(40), 400, "not a readable PNG or JPEG"),
     Case("a truncated PNG", "image/png", digit()[:60], 400, "not a readable PNG or JPEG"),
