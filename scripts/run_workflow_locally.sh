@@ -12,7 +12,8 @@
 # What differs from GitHub is passed as repository variables, which the workflow reads:
 # MNIST_FLAX_MANUAL_DIR (MNIST's folder), TORCH_INDEX_URL=none (PyTorch's CPU build comes from
 # this machine's package index), PIP_RETRIES=0 (an unreachable index fails at once instead of
-# retrying for minutes) and BASELINE=none (no GitHub API to download the default branch's model).
+# retrying for minutes), BASELINE=none (no GitHub API to download the default branch's model) and
+# MNIST_FLAX_CHROMIUM (this machine's Chromium for the page test; Playwright cannot download one).
 #
 # act's artifact server speaks the protocol of upload-artifact v4, not v7's, so the workflow's
 # actions/upload-artifact@v7 is mapped onto the v4 folder here; GitHub runs v7 itself. Its
@@ -72,6 +73,7 @@ HOME=$home "$state/act-venv/bin/act" push \
   --var TORCH_INDEX_URL=none \
   --var PIP_RETRIES=0 \
   --var BASELINE=none \
+  --var MNIST_FLAX_CHROMIUM="$(command -v chromium || true)" \
   2>&1 | tee "$artifact_dir/act.log" || status=$?
 echo "run_workflow_locally: act finished in $(( $(date +%s) - start )) s with status $status"
 [ "$status" -eq 0 ] || exit "$status"
@@ -97,6 +99,17 @@ print(f"run_workflow_locally: {path.name}: sha256 matches its sidecar ({record['
 measured = evaluate_checkpoint(str(path), manual_dir=mnist)["accuracy"]
 print(f"run_workflow_locally: evaluate gives {measured:.2%}, the sidecar says {record['test_accuracy']:.2%}")
 assert measured == record["test_accuracy"], "evaluate disagrees with the sidecar"
+onnx_path = path.with_suffix(".onnx")
+import numpy as np, onnx, onnxruntime
+from mnist_flax.data import load_mnist
+model = onnx.load(str(onnx_path))
+onnx.checker.check_model(model, full_check=True)
+assert {p.key: p.value for p in model.metadata_props}["source_sha256"] == record["sha256"], "ONNX of another model"
+test = load_mnist(manual_dir=mnist)
+logits = onnxruntime.InferenceSession(str(onnx_path)).run(None, {"images": test.test_images})[0]
+onnx_accuracy = float((logits.argmax(1) == test.test_labels).mean())
+print(f"run_workflow_locally: {onnx_path.name} in onnxruntime gives {onnx_accuracy:.2%}")
+assert onnx_accuracy == measured, "the ONNX model disagrees with the checkpoint"
 summary = (unpacked / "summary.md").read_text()
 assert summary.startswith("## MNIST Flax:") and "Against the default branch's model" in summary, summary[:300]
 print("run_workflow_locally: the job summary was written:", summary.splitlines()[0])

@@ -1,5 +1,6 @@
 """The README's commands and snippets run as written, so that they cannot rot."""
 
+import json
 import os
 import re
 import shlex
@@ -7,12 +8,14 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
+from PIL import Image
 
-from conftest import REPO, require_torch
+from conftest import REPO, require, require_torch
 from mnist_flax import sidecar
 
 README = (REPO / "README.md").read_text()
-MAX_LINES = 150
+MAX_LINES = 190  # a page a user reads through; 150 until ONNX and the drawing page had sections
 
 
 def code_blocks(language: str) -> list[str]:
@@ -34,7 +37,7 @@ def test_readme_is_short_and_for_users():
 def test_every_module_the_readme_runs_answers_help():
     modules = sorted({m for cmd in shell_commands() for m in re.findall(r"python -m ([\w.]+)", cmd)})
     assert {"mnist_flax.train", "mnist_flax.evaluate", "mnist_flax.predict", "mnist_flax.export",
-            "mnist_flax.artifact", "mnist_flax.report", "pytest"} <= set(modules)
+            "mnist_flax.artifact", "mnist_flax.report", "mnist_flax.serve", "pytest"} <= set(modules)
     for module in modules:
         if module == "pytest":
             continue  # the suite itself
@@ -69,3 +72,43 @@ def test_pytorch_snippet_runs_as_written(tmp_path, trained_checkpoint, mnist_dat
     accuracy = sidecar.read(trained_checkpoint)["test_accuracy"]
     print(result.stdout)
     assert result.stdout.strip() == f"test accuracy in PyTorch: {accuracy:.2%}"
+
+
+def user_workdir(tmp_path, trained_checkpoint, mnist_data_dir, mnist_manual_dir):
+    """The repository root as a user has it after training, and the environment to run in it."""
+    workdir = tmp_path / "repo"
+    (workdir / "artifacts").mkdir(parents=True)
+    for path in (trained_checkpoint, sidecar.path_for(trained_checkpoint)):
+        shutil.copy(path, workdir / "artifacts")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TFDS_DATA_DIR": str(mnist_data_dir),
+           "MNIST_FLAX_MANUAL_DIR": str(mnist_manual_dir)}
+    return workdir, env
+
+
+def test_onnx_snippet_runs_as_written(tmp_path, trained_checkpoint, mnist_data_dir, mnist_manual_dir):
+    """The README's ONNX export command, then its onnxruntime snippet: the checkpoint's accuracy."""
+    require("onnxruntime", "pip install 'mnist-flax[onnx]'")
+    workdir, env = user_workdir(tmp_path, trained_checkpoint, mnist_data_dir, mnist_manual_dir)
+    export = next(cmd for cmd in shell_commands() if "--format onnx" in cmd)
+    result = subprocess.run([sys.executable, *shlex.split(export)[1:]], cwd=workdir, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    [snippet] = [block for block in code_blocks("python") if "onnxruntime" in block]
+    result = subprocess.run([sys.executable, "-c", snippet], cwd=workdir, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    accuracy = sidecar.read(trained_checkpoint)["test_accuracy"]
+    assert result.stdout.strip() == f"test accuracy in onnxruntime: {accuracy:.2%}"
+
+
+def test_serve_curl_command_answers(tmp_path, served_url, test_set):
+    """The README's curl command, against the served trained model, with a real 7 as seven.png."""
+    curl = next(cmd for cmd in shell_commands() if cmd.startswith("curl"))
+    assert "http://127.0.0.1:8000/" in curl  # the default --port; the test's server has a free one
+    images, labels = test_set
+    index = int(np.flatnonzero(labels == 7)[0])
+    Image.fromarray(images[index, :, :, 0]).save(tmp_path / "seven.png")
+    argv = shlex.split(curl.replace("http://127.0.0.1:8000/", served_url))
+    result = subprocess.run(argv + ["--silent", "--fail"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["digit"] == 7
