@@ -54,10 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     path = checkpoint.find(args.checkpoint)
     variables, record = checkpoint.load_checkpoint(path)
+    sock = listen(args.host, args.port)  # before compiling: a busy port fails at once
     if args.host not in LOOPBACK:
         print(f"mnist_flax: warning: listening on {args.host} makes the page and API reachable from other "
               "machines, with no authentication", file=sys.stderr)
-    sock = listen(args.host, args.port)  # before compiling: a busy port fails at once
     info = api.describe(path, record, variables)
     app = api.create_app(variables, info)
     host, port = sock.getsockname()[:2]

@@ -51,7 +51,7 @@ class Scene:
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    command: str  # train, evaluate, export, predict, artifact
+    command: str  # train, evaluate, export, predict, serve, artifact
     what: str  # the bad input, in words
     argv: Callable[[Scene], list[str]]
     code: int  # the exit code it must give
@@ -146,6 +146,13 @@ CASES = [
          "not a readable PNG or JPEG"),
     Case("predict", "a missing image", lambda s: [str(s.checkpoint), str(s.root / "nope.png")], 1, "no such file"),
     Case("predict", "no IMAGE argument", lambda s: [str(s.checkpoint)], 2, "required: IMAGE"),
+    Case("export", "--format onnx with a truncated checkpoint",
+         lambda s: [str(s.corrupt_checkpoint), "--format", "onnx"], 1, "corrupt msgpack data"),
+    Case("serve", "missing checkpoint", lambda s: [str(s.root / "nope.msgpack")], 1, "no such checkpoint"),
+    Case("serve", "a text file as checkpoint", lambda s: [str(s.text)], 1, "wrong file type"),
+    Case("serve", "--port 70000", lambda s: [str(s.checkpoint), "--port", "70000"], 2, "not a port number"),
+    Case("serve", "--host this machine does not have", lambda s: [str(s.checkpoint), "--host", "192.0.2.1"], 1,
+         "cannot listen on 192.0.2.1"),
     Case("artifact", "no GitHub token", lambda s: ["owner/repo"], 1, "no GitHub token"),
     Case("artifact", "not OWNER/REPO", lambda s: ["not-a-repo"], 2, "OWNER/REPO"),
     Case("artifact", "--timeout 0", lambda s: ["owner/repo", "--timeout", "0"], 2, "--timeout must be > 0"),
