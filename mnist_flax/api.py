@@ -175,8 +175,8 @@ def create_app(variables: dict, info: ModelInfo) -> FastAPI:
     app = FastAPI(title="mnist-flax", version=info.sha256[:12],
                   description="Classify a handwritten digit with the checkpoint " + info.checkpoint)
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
+    def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
 
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):
@@ -186,7 +186,7 @@ def create_app(variables: dict, info: ModelInfo) -> FastAPI:
     async def http_error(request, exc: HTTPException):  # 404 and 405 from routing, as JSON too
         hint = {404: "; the page is at /, the API at /api/predict (see /docs)",
                 405: "; see /docs for each path's methods"}.get(exc.status_code, "")
-        return error(exc.status_code, f"{exc.detail}{hint}")
+        return error(exc.status_code, f"{exc.detail}{hint}", exc.headers)  # a 405's Allow, as RFC 9110 wants
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, exc: RequestValidationError):
