@@ -114,7 +114,8 @@ def test_model_health_and_unknown_paths(client, trained_checkpoint):
     assert client.get("/healthz").json() == {"status": "ok"}
     missing = client.get("/etc/passwd")
     assert missing.status_code == 404 and "/api/predict" in missing.json()["error"]
-    assert client.get("/api/predict").status_code == 405
+    wrong_method = client.get("/api/predict")
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"  # RFC 9110 wants Allow
 
 
 def test_the_page_is_served_with_a_policy_that_loads_nothing_from_elsewhere(client):
