@@ -160,10 +160,10 @@ def predict_probabilities(variables: dict, images: np.ndarray, batch_size: int =
 def evaluate(variables: dict, images: np.ndarray, labels: np.ndarray, batch_size: int = EVAL_BATCH_SIZE,
              model: nn.Module | None = None) -> dict:
     """Accuracy, per-class accuracy and confusion matrix (rows: true, columns: predicted)."""
-    return test_metrics(predict_probabilities(variables, images, batch_size, model), labels)
+    return metrics_from_probabilities(predict_probabilities(variables, images, batch_size, model), labels)
 
 
-def test_metrics(probabilities: np.ndarray, labels: np.ndarray) -> dict:
+def metrics_from_probabilities(probabilities: np.ndarray, labels: np.ndarray) -> dict:
     """evaluate()'s metrics from the probabilities already computed for `labels`' images."""
     predicted = probabilities.argmax(-1)
     confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)

@@ -205,7 +205,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, data: MnistArrays, *
 
     variables = jax.device_get(step.model_variables(state))
     probabilities = step.predict_probabilities(variables, data.test_images)  # once: the plots reuse them
-    test = step.test_metrics(probabilities, data.test_labels)
+    test = step.metrics_from_probabilities(probabilities, data.test_labels)
     result = dataclasses.replace(result, test_metrics=test, metadata=run_metadata(result, test, state))
     if not primary:
         return result
