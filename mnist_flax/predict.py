@@ -58,7 +58,8 @@ def read_grayscale(source: str | Path | BinaryIO, name: str | None = None) -> np
     try:
         with Image.open(source, formats=FORMATS) as im:
             if im.width * im.height > MAX_PIXELS:
-                raise ImageError(f"{path}: {im.width}x{im.height} is too large for a digit image")
+                raise ImageError(f"{path}: {im.width}x{im.height} is too large for a digit image (over "
+                                 f"{MAX_PIXELS:,} pixels); scale it down")
             im = ImageOps.exif_transpose(im)  # phone photos store rotation in EXIF
             if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
                 return flatten_alpha(np.asarray(im.convert("RGBA").convert("LA"), np.float32))

@@ -55,6 +55,16 @@ def test_a_bad_request_is_a_4xx_with_a_message(client, case):
     assert "Traceback" not in response.text
 
 
+def test_a_streamed_body_is_cut_off_past_the_limit(client):
+    """Without a Content-Length (chunked), the size is counted as the body arrives."""
+    def chunks():
+        for _ in range(api.MAX_BODY_BYTES // 2**16 + 2):
+            yield b"\x00" * 2**16
+
+    response = client.post("/api/predict", content=chunks(), headers={"content-type": "image/png"})
+    assert response.status_code == 413 and "send a smaller image" in response.json()["error"]
+
+
 def test_the_committed_table_lists_every_case():
     table = (REPO / "docs" / "api_errors.md").read_text()
     for case in api_errors.CASES:
