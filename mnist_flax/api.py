@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -96,7 +96,7 @@ class Classifier:
 
 def png_base64(image: np.ndarray) -> str:
     buf = io.BytesIO()
-    predict.Image.fromarray(image).save(buf, format="PNG")
+    Image.fromarray(image).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
