@@ -1,8 +1,8 @@
 """The drawing page in a real browser: a real MNIST digit drawn with the mouse, read by the model.
 
 Headless Chromium, driven by Playwright, opens the page of a real `mnist_flax.serve` process
-(conftest's `served_url`), draws test digits onto the canvas as mouse strokes, row by row
-along their ink, and checks what the page shows. The browser is $MNIST_FLAX_CHROMIUM, else
+(conftest's `served_url`), draws test digits onto the canvas as mouse strokes (and once as
+touches), row by row along their ink, and checks what the page shows. The browser is $MNIST_FLAX_CHROMIUM, else
 `chromium` on the PATH (Debian's package), else Playwright's own (`playwright install chromium`).
 Screenshots go to the test's folder, and to $MNIST_FLAX_SCREENSHOT when it is set (that is how
 docs/serve_page.png is made).
@@ -103,6 +103,29 @@ def test_a_digit_drawn_with_the_mouse_is_read_right(page, test_set, tmp_path, in
     assert page.inner_text("#digit") == "?"
     assert page.eval_on_selector("#pad", "c => c.getContext('2d').getImageData(0, 0, 280, 280).data.some("
                                           "(v, i) => i % 4 !== 3 && v !== 0)") is False
+
+
+def test_a_digit_drawn_by_touch_is_read_right(browser, served_url, test_set):
+    """The same strokes as touches (Chromium's own touch events, through the DevTools protocol)."""
+    images, labels = test_set
+    context = browser.new_context(viewport={"width": 900, "height": 560}, has_touch=True)
+    page = context.new_page()
+    page.goto(served_url)
+    page.locator("#model", has_text="test accuracy").wait_for()
+    box = page.locator("#pad").bounding_box()
+    touch = context.new_cdp_session(page)
+    index = DRAWN[1]
+    for y, row in enumerate(images[index, :, :, 0] >= INK):
+        xs = np.flatnonzero(row)
+        for run in np.split(xs, np.flatnonzero(np.diff(xs) > 1) + 1) if len(xs) else []:
+            cy = box["y"] + (y + 0.5) * SCALE
+            path = np.linspace(box["x"] + (run[0] + 0.5) * SCALE, box["x"] + (run[-1] + 0.5) * SCALE, len(run) + 1)
+            for kind, x in [("touchStart", path[0]), *[("touchMove", x) for x in path[1:]]]:
+                touch.send("Input.dispatchTouchEvent", {"type": kind, "touchPoints": [{"x": x, "y": cy}]})
+            touch.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+    digit, probabilities = shown(page)
+    assert digit == str(labels[index]) and abs(sum(probabilities) - 1) < 1e-5
+    context.close()
 
 
 def test_an_uploaded_photo_of_dark_ink_is_inverted_and_read(page, test_set, tmp_path):
