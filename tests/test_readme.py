@@ -15,7 +15,7 @@ from conftest import REPO, require, require_torch
 from mnist_flax import sidecar
 
 README = (REPO / "README.md").read_text()
-MAX_LINES = 190  # a page a user reads through; 150 until ONNX and the drawing page had sections
+MAX_LINES = 150
 
 
 def code_blocks(language: str) -> list[str]:
