@@ -52,53 +52,44 @@ def test_quick_start_trains_with_the_end_to_end_tests_command():
     assert 'python -m pytest -m "not slow"' in shell_commands()
 
 
-def test_pytorch_snippet_runs_as_written(tmp_path, trained_checkpoint, mnist_data_dir, mnist_manual_dir):
-    """After the README's own export command, its PyTorch snippet gives the checkpoint's accuracy."""
-    require_torch()
-    workdir = tmp_path / "repo"  # the repository root as a user has it after training
-    (workdir / "artifacts").mkdir(parents=True)
-    for path in (trained_checkpoint, sidecar.path_for(trained_checkpoint)):
-        shutil.copy(path, workdir / "artifacts")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TFDS_DATA_DIR": str(mnist_data_dir),
-           "MNIST_FLAX_MANUAL_DIR": str(mnist_manual_dir)}
-    export = next(cmd for cmd in shell_commands() if cmd.startswith("python -m mnist_flax.export artifacts"))
-    result = subprocess.run([sys.executable, *shlex.split(export)[1:]], cwd=workdir, env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    [snippet] = [block for block in code_blocks("python") if "load_state_dict" in block]
-    result = subprocess.run([sys.executable, "-c", snippet], cwd=workdir, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    accuracy = sidecar.read(trained_checkpoint)["test_accuracy"]
-    print(result.stdout)
-    assert result.stdout.strip() == f"test accuracy in PyTorch: {accuracy:.2%}"
-
-
-def user_workdir(tmp_path, trained_checkpoint, mnist_data_dir, mnist_manual_dir):
-    """The repository root as a user has it after training, and the environment to run in it."""
+def run_export_then_snippet(tmp_path, trained_checkpoint, mnist_data_dir, mnist_manual_dir, export_is, snippet_has):
+    """In the repository root as a user has it after training: the README's export command that
+    `export_is` picks, then its Python snippet that contains `snippet_has`. Returns the snippet's output."""
     workdir = tmp_path / "repo"
     (workdir / "artifacts").mkdir(parents=True)
     for path in (trained_checkpoint, sidecar.path_for(trained_checkpoint)):
         shutil.copy(path, workdir / "artifacts")
     env = {**os.environ, "PYTHONPATH": str(REPO), "TFDS_DATA_DIR": str(mnist_data_dir),
            "MNIST_FLAX_MANUAL_DIR": str(mnist_manual_dir)}
-    return workdir, env
+    export = next(cmd for cmd in shell_commands() if export_is(cmd))
+    result = subprocess.run([sys.executable, *shlex.split(export)[1:]], cwd=workdir, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    [snippet] = [block for block in code_blocks("python") if snippet_has in block]
+    result = subprocess.run([sys.executable, "-c", snippet], cwd=workdir, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    print(result.stdout)
+    return result.stdout
+
+
+def test_pytorch_snippet_runs_as_written(tmp_path, trained_checkpoint, mnist_data_dir, mnist_manual_dir):
+    """After the README's own export command, its PyTorch snippet gives the checkpoint's accuracy."""
+    require_torch()
+    out = run_export_then_snippet(tmp_path, trained_checkpoint, mnist_data_dir, mnist_manual_dir,
+                                  lambda cmd: cmd.startswith("python -m mnist_flax.export artifacts -o"),
+                                  "load_state_dict")
+    accuracy = sidecar.read(trained_checkpoint)["test_accuracy"]
+    assert out.strip() == f"test accuracy in PyTorch: {accuracy:.2%}"
 
 
 def test_onnx_snippet_runs_as_written(tmp_path, trained_checkpoint, mnist_data_dir, mnist_manual_dir):
     """The README's ONNX export command, then its onnxruntime snippet: the checkpoint's accuracy."""
     require("onnxruntime", "pip install 'mnist-flax[onnx]'")
-    workdir, env = user_workdir(tmp_path, trained_checkpoint, mnist_data_dir, mnist_manual_dir)
-    export = next(cmd for cmd in shell_commands() if "--format onnx" in cmd)
-    result = subprocess.run([sys.executable, *shlex.split(export)[1:]], cwd=workdir, env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    [snippet] = [block for block in code_blocks("python") if "onnxruntime" in block]
-    result = subprocess.run([sys.executable, "-c", snippet], cwd=workdir, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    out = run_export_then_snippet(tmp_path, trained_checkpoint, mnist_data_dir, mnist_manual_dir,
+                                  lambda cmd: "--format onnx" in cmd, "onnxruntime")
     accuracy = sidecar.read(trained_checkpoint)["test_accuracy"]
-    assert result.stdout.strip() == f"test accuracy in onnxruntime: {accuracy:.2%}"
+    assert out.strip() == f"test accuracy in onnxruntime: {accuracy:.2%}"
 
 
 def test_serve_curl_command_answers(tmp_path, served_url, test_set):
