@@ -78,7 +78,7 @@ ERRORS = {400: "not an image with a digit, or malformed multipart", 413: f"body 
           415: "a content type other than PNG, JPEG or multipart"}
 PREDICT_BODY = {"required": True, "content": {
     **{t: {"schema": {"type": "string", "format": "binary"}} for t in IMAGE_TYPES},
-    MULTIPART: {"schema": {"type": "object", "required": [FILE_FIELD],
+    MULTIPART: {"schema": {"type": "object", "required": [FILE_FIELD], "additionalProperties": False,
                            "properties": {FILE_FIELD: {"type": "string", "format": "binary"}}}},
 }}
 
@@ -142,6 +142,10 @@ async def uploaded_file(request: Request, body: bytes) -> bytes:
     upload = form.get(FILE_FIELD)
     if upload is None or isinstance(upload, str):
         raise ApiError(400, f"the multipart body has no file in a '{FILE_FIELD}' field; send the image there")
+    others = sorted(set(form.keys()) - {FILE_FIELD})
+    if others:  # the schema allows no other field: what one would mean is anybody's guess
+        raise ApiError(400, f"the multipart body has fields other than '{FILE_FIELD}' ({', '.join(others)[:80]}); "
+                            f"send only the image, in '{FILE_FIELD}'")
     return await upload.read()
 
 

@@ -102,6 +102,8 @@ CASES = [
          "no file in a 'file' field"),
     Case("multipart with two files", MULTIPART,
          multipart([("file", "a.png", digit()), ("file", "b.png", digit())]), 400, "malformed multipart"),
+    Case("multipart with another field beside the file", MULTIPART,
+         multipart([("file", "a.png", digit()), ("note", None, b"seven")]), 400, "fields other than 'file'"),
     Case("multipart holding a text file", MULTIPART, multipart([("file", "a.txt", b"seven")]), 400,
          "not a readable PNG or JPEG"),
 ]
