@@ -10,6 +10,7 @@ execute code; nothing here unpickles.
 """
 
 import datetime as dt
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,12 @@ def variables_to_bytes(variables: dict) -> bytes:
 
 
 def model_template() -> dict:
-    """The {'params', 'batch_stats'} structure of the model, as shapes and dtypes only."""
+    """The {'params', 'batch_stats'} structure of the model, as shapes and dtypes only (a fresh copy)."""
+    return jax.tree.map(lambda leaf: leaf, _model_template())
+
+
+@functools.cache  # the abstract init traces the whole module (~0.4 s), and every load checks against it
+def _model_template() -> dict:
     return jax.eval_shape(init_variables, jax.random.key(0))
 
 

@@ -9,6 +9,8 @@ field here, with its help text.
 import dataclasses
 from typing import Any
 
+from mnist_flax.errors import brief
+
 # Facts of the data set and of the original pipeline's input normalisation
 # (torchvision's MNIST mean and std).
 MNIST_MEAN = 0.1307
@@ -76,7 +78,7 @@ def num_batches(num_examples: int, batch_size: int) -> int:
 def resolve(recipe: str = "original", **overrides) -> Config:
     """The recipe's preset with `overrides` on top, validated; ValueError names a bad field."""
     if recipe not in RECIPES:
-        raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+        raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {brief(recipe)}")
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(Config)})
     if unknown:
         raise ValueError(f"unknown setting(s) {', '.join(unknown)}")
@@ -103,7 +105,7 @@ def validate(config: Config) -> Config:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < low or (high and value > high):
             bound = f"from {low:,} to {high:,}" if high else f">= {low}"
-            raise ValueError(f"{name.replace('_', ' ')} must be a whole number {bound}, got {value!r}")
+            raise ValueError(f"{name.replace('_', ' ')} must be a whole number {bound}, got {brief(value)}")
 
     def number(name, low, high, low_open=True):
         value = getattr(config, name)
@@ -111,10 +113,10 @@ def validate(config: Config) -> Config:
         ok = ok and (low < value if low_open else low <= value) and value < high
         if not ok:
             bound = f"{'>' if low_open else '>='} {low:g}" + (f" and < {high:g}" if high != float("inf") else "")
-            raise ValueError(f"{name.replace('_', ' ')} must be a finite number {bound}, got {value!r}")
+            raise ValueError(f"{name.replace('_', ' ')} must be a finite number {bound}, got {brief(value)}")
 
     if isinstance(config.seed, bool) or not isinstance(config.seed, int) or not -2**63 <= config.seed < 2**63:
-        raise ValueError(f"seed must be a whole number from -2**63 to 2**63 - 1, got {config.seed!r}")  # int64 keys
+        raise ValueError(f"seed must be a whole number from -2**63 to 2**63 - 1, got {brief(config.seed)}")  # int64 keys
     whole("epochs", 1)
     whole("batch_size", 1, NUM_TRAIN_EXAMPLES)
     whole("steps_per_call", 1, MAX_STEPS_PER_CALL)
@@ -128,7 +130,7 @@ def validate(config: Config) -> Config:
         choices = f.metadata.get("choices")
         if choices and getattr(config, f.name) not in choices:
             raise ValueError(f"{f.name.replace('_', ' ')} must be one of {', '.join(choices)}, "
-                             f"got {getattr(config, f.name)!r}")
+                             f"got {brief(getattr(config, f.name))}")
     if config.recipe not in RECIPES:
-        raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {config.recipe!r}")
+        raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {brief(config.recipe)}")
     return config

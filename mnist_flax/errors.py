@@ -19,3 +19,8 @@ class CheckpointError(MnistFlaxError):
 
 class ImageError(MnistFlaxError):
     """An input image cannot be read, or holds no digit."""
+
+
+def brief(value) -> str:
+    """A value as it may appear in a one-line message: an array's repr spans lines and can be long."""
+    return " ".join(repr(value).split())[:80]

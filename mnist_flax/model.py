@@ -15,6 +15,7 @@ the fused one of ops.py, which is faster on CPU. `CNN.fused` picks the form
 renaming, not a guess.
 """
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -187,6 +188,11 @@ def layer_order(model: nn.Module | None = None) -> list[str]:
     Flax builds the variables in the order the module creates them; JAX's tree functions
     sort dict keys, so the order is read here, during an abstract init, before any of them runs.
     """
+    return list(_layer_order(model))
+
+
+@functools.cache  # the abstract init traces the whole module (~0.4 s); modules are hashable dataclasses
+def _layer_order(model: nn.Module | None) -> tuple[str, ...]:
     order = []
 
     def init(key):
@@ -195,7 +201,7 @@ def layer_order(model: nn.Module | None = None) -> list[str]:
         return variables
 
     jax.eval_shape(init, jax.random.key(0))
-    return order
+    return tuple(order)
 
 
 def parameter_table(params: Any, model: nn.Module | None = None) -> list[tuple[str, tuple[int, ...], int]]:

@@ -19,7 +19,7 @@ from mnist_flax import step
 from mnist_flax.atomic import atomic_write_bytes
 from mnist_flax.checkpoint import check_variables, read_checkpoint_bytes
 from mnist_flax.config import Config
-from mnist_flax.errors import CheckpointError
+from mnist_flax.errors import CheckpointError, brief
 from mnist_flax.loop import Position
 
 RESUME_FILE = "resume.msgpack"
@@ -58,16 +58,11 @@ def _position(raw, source: str) -> Position:
     for name, kind in fields.items():
         value = raw[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-            raise CheckpointError(f"{source}: position.{name} is not a finite number: {_brief(value)}")
+            raise CheckpointError(f"{source}: position.{name} is not a finite number: {brief(value)}")
         if kind is int and value != int(value):
             raise CheckpointError(f"{source}: position.{name} must be a whole number: {value!r}")
         values[name] = (int if kind is int else float)(value)
     return Position(**values)
-
-
-def _brief(value) -> str:
-    """A value for a one-line message: an array's repr spans lines and can be long."""
-    return " ".join(repr(value).split())[:80]
 
 
 def load_resume_state(dir_or_file: str | Path) -> tuple[step.TrainState, Position, Config]:
@@ -90,7 +85,7 @@ def load_resume_state(dir_or_file: str | Path) -> tuple[step.TrainState, Positio
     if not isinstance(raw, dict) or set(raw) != set(ENTRIES):
         raise CheckpointError(f"{source}: not an mnist_flax resume state")
     if raw["version"] != VERSION:
-        raise CheckpointError(f"{source}: resume state version {_brief(raw['version'])}; this mnist_flax "
+        raise CheckpointError(f"{source}: resume state version {brief(raw['version'])}; this mnist_flax "
                               f"continues version {VERSION} only: start the run again")
     try:
         config = config_lib.from_dict(raw["config"])
@@ -99,7 +94,8 @@ def load_resume_state(dir_or_file: str | Path) -> tuple[step.TrainState, Positio
     position = _position(raw["position"], source)
     template = state_template(config)
     check_variables(raw["state"], serialization.to_state_dict(template), source)
-    state = serialization.from_state_dict(step.create_train_state(config), jax.tree.map(np.array, raw["state"]))
+    # Restored into the abstract template: a real train state would compile and run the init for nothing.
+    state = serialization.from_state_dict(template, jax.tree.map(np.array, raw["state"]))
     return state, position, config
 
 
