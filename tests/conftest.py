@@ -29,11 +29,26 @@ from mnist_flax import config as config_lib
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Commands the tests start share one compilation cache, made for the session and removed after
-# it: the user's cache is never touched, and each program compiles once, not once per process.
-_SESSION_CACHE = tempfile.mkdtemp(prefix="mnist-flax-tests-compilation-cache-")
-atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
-os.environ.setdefault(runtime.COMPILATION_CACHE_ENV, _SESSION_CACHE)
+# The tests compile into a cache of their own, never the user's. It is kept between sessions:
+# JAX looks a program up by its HLO, XLA flags and jaxlib version, so an entry that no longer
+# matches the code is never used, only left to the size bound's eviction. Every command a test
+# starts shares it, so each program compiles once, not once per process or per session.
+# $MNIST_FLAX_TEST_COMPILATION_CACHE: a directory, or "session" for a fresh one per session.
+TEST_CACHE_ENV = "MNIST_FLAX_TEST_COMPILATION_CACHE"
+TEST_CACHE_MAX_BYTES = 512 * 2**20  # a whole session's programs take about 12 MiB
+
+
+def tests_compilation_cache_dir() -> str:
+    path = os.environ.get(TEST_CACHE_ENV) or str(Path(runtime.default_compilation_cache_dir()).parent / "test-jax")
+    if path == "session":
+        path = tempfile.mkdtemp(prefix="mnist-flax-tests-compilation-cache-")
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+os.environ[runtime.COMPILATION_CACHE_ENV] = tests_compilation_cache_dir()
+os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(TEST_CACHE_MAX_BYTES)  # read by every JAX the tests start
+jax.config.update("jax_compilation_cache_max_size", TEST_CACHE_MAX_BYTES)
 runtime.enable_compilation_cache()  # and this process too: what a fixture compiled, a command loads
 cli.add_xla_flags()  # in-process computations run the kernels the commands run
 
