@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from mnist_flax import batches, checkpoint, cli, loop, metrics_log, optim, resume, runtime, step
+from mnist_flax import batches, checkpoint, cli, loop, metrics_log, optim, plots, report, resume, runtime, step
 from mnist_flax import config as config_lib
 from mnist_flax.atomic import remove_stale_temporaries
 from mnist_flax.config import Config
@@ -138,8 +138,12 @@ def run_metadata(result: TrainResult, test: dict, state: step.TrainState) -> dic
 
 def train_and_evaluate(config: Config, workdir: str | Path, data: MnistArrays, *,
                        resumed: tuple[step.TrainState, loop.Position] | None = None,
-                       options: RunOptions = RunOptions(), stop: StopRequest | None = None) -> TrainResult:
-    """Trains `config` (or continues `resumed`), then evaluates, saves and plots into `workdir`."""
+                       options: RunOptions = RunOptions(), stop: StopRequest | None = None,
+                       painter: plots.Painter | None = None) -> TrainResult:
+    """Trains `config` (or continues `resumed`), then evaluates, saves and plots into `workdir`.
+
+    The plots are drawn by `painter`'s workers if given, else in this process.
+    """
     workdir, stop = Path(workdir), stop or StopRequest()
     state, position = resumed or (step.create_train_state(config), loop.Position())
     if config.train_examples > len(data.train_images):
@@ -215,9 +219,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, data: MnistArrays, *
     result = dataclasses.replace(result, checkpoint=path)
     print(summary(result), flush=True)  # before the plots, so a plotting failure cannot hide it
     if options.plots:
-        from mnist_flax import report  # matplotlib is slow to import: only when used
-        plots = report.write_plots(path, data=data, probabilities=probabilities)
-        result = dataclasses.replace(result, plots=tuple(plots))
+        written = report.write_plots(path, data=data, probabilities=probabilities, painter=painter)
+        result = dataclasses.replace(result, plots=tuple(written))
         print(f"plots:          {', '.join(p.name for p in result.plots)}")
     return result
 
@@ -323,7 +326,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_SIGNAL_BASE + stop.signal
     options = RunOptions(devices=args.devices, checkpoint_every=args.checkpoint_every,
                          progress=not args.no_progress, plots=not args.no_plots)
-    result = train_and_evaluate(config, workdir, data, resumed=resumed, options=options, stop=stop)
+    # Plot workers start now, so that they have imported matplotlib when training ends; only
+    # the process that writes the files needs them.
+    workers = plots.WORKERS if options.plots and jax.process_index() == 0 else 0
+    with plots.Painter(workers) as painter:
+        result = train_and_evaluate(config, workdir, data, resumed=resumed, options=options, stop=stop,
+                                    painter=painter)
     if not result.finished:
         print(f"\nstopped at step {int(result.state.step)} by signal {stop.signal}; the state is saved. "
               f"Resume with:\n  {resume_hint(workdir)}", file=sys.stderr)

@@ -4,7 +4,7 @@
 
 Runs the train command in this process with its phases wrapped in timers: imports, loading
 MNIST, creating the train state, the training loop (its first call loads or compiles the
-step), evaluation, the checkpoint write and the plots. Whatever is not wrapped (argument
+step), evaluation, the checkpoint write and the plots (waiting for the plot workers). Whatever is not wrapped (argument
 parsing, the summary, interpreter start-up before this script) is the rest. Prints JSON.
 """
 
@@ -21,7 +21,7 @@ from mnist_flax import cli  # noqa: E402
 cli.add_xla_flags()  # as run_main does, before JAX starts
 
 from mnist_flax import checkpoint, loop, step, train  # noqa: E402
-from mnist_flax import report  # noqa: E402  (the plots' imports count as imports)
+from mnist_flax import report  # noqa: E402
 
 PHASES = [(train, "load_mnist", "data"), (step, "create_train_state", "init"), (loop, "run", "train loop"),
           (step, "evaluate", "evaluation"), (step, "predict_probabilities", "evaluation"),

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mnist_flax import checkpoint, cli, metrics_log, report, sidecar
+from mnist_flax import checkpoint, cli, metrics_log, plots, report, sidecar
 from mnist_flax import config as config_lib
 from mnist_flax.data import MnistArrays
+from mnist_flax.errors import MnistFlaxError
 
 STEPS_PER_EPOCH = 469  # 60,000 / 128, rounded up: what the sidecar's settings imply
 REPO = Path(__file__).resolve().parent.parent
@@ -94,9 +96,47 @@ def test_write_plots_writes_every_png(run_dir):
     assert not list(directory.glob("*.tmp")) and not list(directory.glob(".*.tmp"))
 
 
+def test_workers_draw_the_files_this_process_draws(run_dir, tmp_path):
+    """The train command's plot workers write byte for byte the PNGs that drawing in-process writes."""
+    directory, path, written = run_dir
+    with plots.Painter(workers=2) as painter:
+        by_workers = report.write_plots(path, data=fake_data(), output_dir=tmp_path, painter=painter)
+    assert [p.name for p in by_workers] == [p.name for p in written]
+    for mine, theirs in zip(written, by_workers):
+        assert theirs.parent == tmp_path and theirs.read_bytes() == mine.read_bytes(), mine.name
+    assert all(proc.returncode == 0 for proc in painter.procs)  # exited when their stdin closed
+
+
+def test_a_plot_that_fails_in_a_worker_is_one_error_naming_it(tmp_path):
+    with plots.Painter(workers=1) as painter:
+        painter.draw(plots.CONFUSION_FILE, tmp_path / plots.CONFUSION_FILE, {"test_accuracy": 0.5})
+        with pytest.raises(MnistFlaxError, match=r"^drawing the plots failed: confusion_matrix.png: "
+                                                 r"KeyError: 'confusion_matrix'$"):
+            painter.finish()
+        painter.draw(plots.PER_CLASS_FILE, tmp_path / plots.PER_CLASS_FILE, sidecar_metadata())
+        assert painter.finish() == [tmp_path / plots.PER_CLASS_FILE]  # the worker goes on
+        painter.procs[0].kill()
+        painter.procs[0].wait()
+        painter.draw(plots.PER_CLASS_FILE, tmp_path / plots.PER_CLASS_FILE, sidecar_metadata())
+        with pytest.raises(MnistFlaxError, match="per_class_accuracy.png: its worker exited"):
+            painter.finish()
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_workers_ignore_ctrl_c(tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group; the training process decides what it means."""
+    with plots.Painter(workers=1) as painter:
+        painter.draw(plots.PER_CLASS_FILE, tmp_path / "first.png", sidecar_metadata())
+        assert painter.finish() == [tmp_path / "first.png"]  # so the worker is past its start-up
+        painter.procs[0].send_signal(signal.SIGINT)
+        painter.draw(plots.PER_CLASS_FILE, tmp_path / "second.png", sidecar_metadata())
+        assert painter.finish() == [tmp_path / "second.png"]
+    assert painter.procs[0].returncode == 0
+
+
 def test_smooth_is_unbiased_at_the_start_and_follows_a_constant():
-    assert report.smooth(np.full(50, 0.7), window=10) == pytest.approx(np.full(50, 0.7))
-    assert report.smooth(np.array([2.0, 1.0]), window=100)[0] == 2.0
+    assert plots.smooth(np.full(50, 0.7), window=10) == pytest.approx(np.full(50, 0.7))
+    assert plots.smooth(np.array([2.0, 1.0]), window=100)[0] == 2.0
 
 
 def test_missing_metrics_skips_the_curves_with_a_note(run_dir, tmp_path, capsys):

@@ -78,6 +78,38 @@ def test_interrupted_run_resumes_bit_identical(tmp_path, uninterrupted, mnist_da
     assert steps == list(range(1, STEPS + 1))  # no step logged twice or missing
 
 
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds processes through Linux's /proc")
+def test_ctrl_c_in_a_terminal_leaves_no_plot_worker_behind(tmp_path, mnist_data_dir, mnist_manual_dir):
+    """With plots on, the command runs plot workers. A terminal's Ctrl-C goes to the whole
+    foreground process group: the command still saves its resume state and exits 130, with
+    nothing on stderr from a worker, and none of its processes outlives it."""
+    mark = f"mnist-flax-test-{os.getpid()}-{time.monotonic_ns()}"
+    cmd = train_cmd(tmp_path, mnist_data_dir, mnist_manual_dir, "--train-examples", str(STEPS * 128), "--no-progress")
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "MNIST_FLAX_TEST_MARK": mark}, start_new_session=True)
+    line = proc.stderr.readline()
+    assert line.startswith("training from step"), line + proc.stderr.read()
+    assert len(processes_marked(mark)) == 3  # the command and its two plot workers
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGINT, stderr[-2000:]
+    assert (tmp_path / resume.RESUME_FILE).is_file()
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-2000:]
+    assert processes_marked(mark) == []
+
+
+def processes_marked(mark: str) -> list[int]:
+    """The live processes whose environment holds `mark` (children inherit it)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and f"MNIST_FLAX_TEST_MARK={mark}".encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            pass
+    return found
+
+
 def test_checkpoint_every_and_resume_flags_conflict(tmp_path, mnist_data_dir, mnist_manual_dir):
     result = run(train_cmd(tmp_path, mnist_data_dir, mnist_manual_dir, "--resume", str(tmp_path), "--epochs", "2"))
     assert result.returncode == 2 and "drop --epochs" in result.stderr
