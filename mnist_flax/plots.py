@@ -257,6 +257,7 @@ class Painter:
                 proc.wait(WORKER_EXIT_S)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
             proc.stdout.close()
 
     def __enter__(self) -> "Painter":
@@ -269,7 +270,8 @@ class Painter:
 def warm_up() -> None:
     """Loads what a first figure loads (matplotlib's modules, the font), before any job arrives."""
     fig = new_figure(1, 1)
-    fig.text(0.5, 0.5, "0", fontsize=9, fontweight="bold")
+    fig.text(0.2, 0.5, "0", fontsize=9)
+    fig.text(0.6, 0.5, "0", fontsize=9, fontweight="bold")
     fig.savefig(io.BytesIO(), format="png", dpi=DPI)
 
 
@@ -280,7 +282,7 @@ def serve(lines, out) -> None:
         try:
             reply = {"path": str(PLOTS[job["plot"]](*job["args"], Path(job["path"])))}
         except Exception as e:  # reported to the training process, which raises it there
-            reply = {"error": f"{type(e).__name__}: {e}"}
+            reply = {"error": " ".join(f"{type(e).__name__}: {e}".split())[:300]}  # one line
         out.write(json.dumps(reply) + "\n")
         out.flush()
 
