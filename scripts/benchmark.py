@@ -9,7 +9,9 @@ compiled calls, loop.run's metrics fetch and NaN check after each call), then th
 evaluation. The timed window runs from the end of the call holding step `--warmup` to the
 end of the call holding `--warmup + --steps`; `timed_steps` is the number of steps in it.
 Prints one JSON line; `images_per_second`, `seconds`, `timed_steps` and `params` mean the
-same as in the PyTorch original's output.
+same as in the PyTorch original's output. `compile_seconds` is the first call: compiling it, or
+loading it from the compilation cache as the train command does (MNIST_FLAX_COMPILATION_CACHE=off
+to time the compile).
 """
 
 import argparse
@@ -45,6 +47,7 @@ def main() -> None:
         p.error(f"--warmup + --steps must fit in one epoch ({config.steps_per_epoch()} steps of {a.batch_size})")
     cli.add_xla_flags()  # before JAX computes anything, as every command does
     runtime.configure(a.devices)
+    runtime.enable_compilation_cache()  # as the train command does (MNIST_FLAX_COMPILATION_CACHE=off: compile)
 
     import jax
     from mnist_flax import loop, step, train

@@ -19,6 +19,7 @@ STEPS_PER_CALL = 2
 def main(count: int, out: str) -> None:
     cli.add_xla_flags()
     runtime.configure(count)
+    runtime.enable_compilation_cache()  # the session's, as the commands use it
     mesh = runtime.make_mesh(count)
     assert mesh.size == count, (mesh.size, count)
     shard = runtime.batch_sharder(mesh)

@@ -107,6 +107,7 @@ from mnist_flax.batches import Batch
 cli.add_xla_flags()
 if sys.argv[1] == "tuned":
     runtime.configure(0)
+runtime.enable_compilation_cache()  # the session's, as the training command uses it
 config = config_lib.resolve()
 state = step.create_train_state(config)
 train_steps = step.make_train_steps(config)  # the program the training loop runs
