@@ -2,7 +2,7 @@
 
 Each plot is a function of plain data (the sidecar's record, the metrics records, a few
 images) to a PNG, written atomically. This module imports neither JAX nor anything that
-does, so that a worker (`python -m mnist_flax.plots`, started by `Painter`) is ready in a
+does, so that a worker (this module run by `Painter`) is ready in a
 fraction of a second, and draws while the training process evaluates and saves.
 
 Figures are drawn with matplotlib's object-oriented API on the Agg canvas, never
@@ -14,7 +14,6 @@ end of a training run should not do. Agg needs no display.
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -195,6 +194,13 @@ PLOTS = {CURVES_FILE: plot_training_curves, PER_CLASS_FILE: plot_per_class_accur
          CONFUSION_FILE: plot_confusion_matrix, MISCLASSIFIED_FILE: plot_misclassified}
 WORKERS = 2  # the confusion matrix, the slowest plot, takes one while the other draws the rest
 WORKER_EXIT_S = 30
+# A worker's command. From its first line it ignores Ctrl-C, which a terminal sends to the whole
+# process group (the training process decides what it means), and runs at the lowest priority,
+# so that its start-up and warm-up take only the CPU that training leaves idle (its single-threaded
+# moments) instead of slowing training by as much as the workers save at its end. (It stays in
+# the trainer's session: with Linux's autogroups, a new session would be scheduled as an equal.)
+WORKER = ("import os, runpy, signal; signal.signal(signal.SIGINT, signal.SIG_IGN); os.nice(19); "
+          "runpy.run_module('mnist_flax.plots', run_name='__main__')")
 
 
 class Painter:
@@ -203,17 +209,15 @@ class Painter:
     Started before the plots are due (the train command starts it before training), so that
     each worker has imported matplotlib and loaded its fonts by then. A job is one JSON line
     to a worker's stdin, and one back from its stdout naming the file written or the error.
-    The workers run in a session of their own, so a terminal's Ctrl-C reaches only this
-    process, which decides what it means; they exit when their stdin closes, which it does
+    The workers ignore Ctrl-C (see WORKER) and exit when their stdin closes, which it does
     when this process exits or dies. With `workers=0` nothing starts and `draw` draws here.
     """
 
     def __init__(self, workers: int = WORKERS):
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(  # the package these workers belong to
             [str(Path(__file__).resolve().parent.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
-        self.procs = [subprocess.Popen([sys.executable, "-m", "mnist_flax.plots"], stdin=subprocess.PIPE,
-                                       stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
-                      for _ in range(workers)]
+        self.procs = [subprocess.Popen([sys.executable, "-c", WORKER], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, text=True, env=env) for _ in range(workers)]
         self.jobs: list[tuple[str, subprocess.Popen | None, Path | None]] = []
 
     def draw(self, name: str, path: str | Path, *args) -> None:
@@ -288,6 +292,6 @@ def serve(lines, out) -> None:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # `kill -INT` aimed at a worker: the trainer decides
     warm_up()
     serve(sys.stdin, sys.stdout)
+    os._exit(0)  # stdin closed, every reply flushed, every file written: skip the interpreter's teardown
