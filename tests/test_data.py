@@ -155,7 +155,7 @@ def test_concurrent_first_loads_all_succeed(tmp_path):
     assert not errors, errors
     for result in results:
         assert_arrays_equal(result, expected_arrays(files))
-    assert [p.name for p in (tmp_path / "tfds" / "tiny_mnist").iterdir()] == ["1.0.0"]
+    assert [p.name for p in (tmp_path / "tfds" / "tiny_mnist").iterdir()] == [str(data.MnistIdx.VERSION)]
 
 
 def test_prepared_data_loads_where_no_lock_can_be_taken(tmp_path):
@@ -172,12 +172,12 @@ def test_prepared_data_loads_where_no_lock_can_be_taken(tmp_path):
 
 def test_load_clears_what_a_killed_prepare_left(tmp_path):
     files = tiny_idx_set()
-    stale = tmp_path / "tfds" / "tiny_mnist" / "incomplete.ABC123_1.0.0"
+    stale = tmp_path / "tfds" / "tiny_mnist" / f"incomplete.ABC123_{data.MnistIdx.VERSION}"
     stale.mkdir(parents=True)
     (stale / "tiny_mnist-train.array_record-00000-of-00001").write_bytes(b"half written")
     manual = write_set(tmp_path / "manual", files)
     data.load_builder(tiny_builder_cls(files)(data_dir=tmp_path / "tfds", manual_dir=manual))
-    assert [p.name for p in (tmp_path / "tfds" / "tiny_mnist").iterdir()] == ["1.0.0"]
+    assert [p.name for p in (tmp_path / "tfds" / "tiny_mnist").iterdir()] == [str(data.MnistIdx.VERSION)]
 
 
 def test_failed_prepare_leaves_nothing_that_loads(tmp_path):
