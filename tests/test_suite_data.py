@@ -10,11 +10,11 @@ from mnist_flax import data
 REAL_DATA_TEST = "tests/test_data.py::test_real_mnist"
 
 
-def run_suite_part(tfds_dir, tmp_path):
+def start_suite_part(tfds_dir):
     env = {k: v for k, v in os.environ.items() if k not in ("MNIST_FLAX_MANUAL_DIR", "CI")}
     env["TFDS_DATA_DIR"] = str(tfds_dir)
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", REAL_DATA_TEST], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", REAL_DATA_TEST], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def test_the_suite_finds_the_files_training_downloaded(tmp_path, mnist_manual_dir):
@@ -24,11 +24,12 @@ def test_the_suite_finds_the_files_training_downloaded(tmp_path, mnist_manual_di
     downloads.mkdir(parents=True)
     for name in data_files(mnist_manual_dir):
         (downloads / name.name).symlink_to(name)
-    found = run_suite_part(tmp_path / "tfds", tmp_path)
-    assert "1 passed" in found.stdout, found.stdout[-2000:]
-    missing = run_suite_part(tmp_path / "empty", tmp_path)
-    assert "1 skipped" in missing.stdout
-    assert "1 tests on the real MNIST were skipped" in missing.stdout and "MNIST_FLAX_MANUAL_DIR=DIR" in missing.stdout
+    # Two independent pytest processes, run side by side.
+    found, missing = start_suite_part(tmp_path / "tfds"), start_suite_part(tmp_path / "empty")
+    found_out, missing_out = found.communicate(timeout=300)[0], missing.communicate(timeout=300)[0]
+    assert "1 passed" in found_out, found_out[-2000:]
+    assert "1 skipped" in missing_out, missing_out[-2000:]
+    assert "1 tests on the real MNIST were skipped" in missing_out and "MNIST_FLAX_MANUAL_DIR=DIR" in missing_out
 
 
 def data_files(directory):
