@@ -6,6 +6,7 @@ them when $CI is set, so CI cannot pass by skipping.
 """
 
 import atexit
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -18,6 +19,11 @@ import jax
 import numpy as np
 import pytest
 from hypothesis import settings
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, and no pytest-xdist sharing either (see only_one_worker)
+    fcntl = None
 
 # CI runs the same hypothesis examples every time; locally they vary and find more.
 settings.register_profile("ci", derandomize=True, database=None)
@@ -93,13 +99,30 @@ def pytest_terminal_summary(terminalreporter):
             "`python -m mnist_flax.train` once, which downloads them there.", yellow=True, bold=True)
 
 
+def session_dir(tmp_path_factory, name: str) -> Path:
+    """A temporary directory for the whole session: under pytest-xdist, one that every worker shares."""
+    if fcntl is None or not os.environ.get("PYTEST_XDIST_WORKER"):
+        return tmp_path_factory.mktemp(name)
+    path = tmp_path_factory.getbasetemp().parent / name
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def only_one_worker(directory: Path):
+    """Holds an exclusive lock on `directory`: what one xdist worker makes there, the others wait for."""
+    if fcntl is None or not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    with open(directory / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 @pytest.fixture(scope="session")
 def mnist_data_dir(mnist_manual_dir, tmp_path_factory) -> Path:
     """A temporary TFDS data dir with the real MNIST prepared in it, once per session."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # one data dir for all workers; data.py's lock serialises the prepare
-        data_dir = tmp_path_factory.getbasetemp().parent / "tfds_data"
-    else:
-        data_dir = tmp_path_factory.mktemp("tfds_data")
+    data_dir = session_dir(tmp_path_factory, "tfds_data")  # data.py's own lock serialises the prepare
     data.load_mnist(data_dir=str(data_dir), manual_dir=str(mnist_manual_dir))
     return data_dir
 
@@ -135,7 +158,16 @@ def test_set(mnist_arrays) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="session")
 def trained_checkpoint(mnist_arrays, test_set, tmp_path_factory) -> Path:
-    """A checkpoint (msgpack + sidecar) after TRAIN_STEPS real Adam steps on MNIST."""
+    """A checkpoint (msgpack + sidecar) after TRAIN_STEPS real Adam steps on MNIST.
+
+    Trained once per session: under pytest-xdist the first worker that needs it trains it.
+    """
+    directory = session_dir(tmp_path_factory, "trained")
+    with only_one_worker(directory):
+        return next(directory.glob("*.msgpack"), None) or train_checkpoint(mnist_arrays, test_set, directory)
+
+
+def train_checkpoint(mnist_arrays, test_set, directory: Path) -> Path:
     images, labels = np.asarray(mnist_arrays.train_images), np.asarray(mnist_arrays.train_labels)
     config = config_lib.resolve()
     state = step.create_train_state(config)
@@ -145,7 +177,7 @@ def trained_checkpoint(mnist_arrays, test_set, tmp_path_factory) -> Path:
     test = step.evaluate(variables, *test_set)
     metadata = {"test_accuracy": test["accuracy"], "config": config.to_dict(),
                 "num_batches_tracked": TRAIN_STEPS}
-    return checkpoint.save_checkpoint(tmp_path_factory.mktemp("trained"), variables, metadata)
+    return checkpoint.save_checkpoint(directory, variables, metadata)
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,9 @@ REAL_DATA_TEST = "tests/test_data.py::test_real_mnist"
 def start_suite_part(tfds_dir):
     env = {k: v for k, v in os.environ.items() if k not in ("MNIST_FLAX_MANUAL_DIR", "CI")}
     env["TFDS_DATA_DIR"] = str(tfds_dir)
-    return subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", REAL_DATA_TEST], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # -n 0: one test, so no worker processes to start.
+    return subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", REAL_DATA_TEST],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def test_the_suite_finds_the_files_training_downloaded(tmp_path, mnist_manual_dir):
