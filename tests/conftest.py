@@ -24,6 +24,8 @@ try:
     import fcntl
 except ImportError:  # Windows: no advisory locks, and no pytest-xdist sharing either (see only_one_worker)
     fcntl = None
+# Under pytest-xdist the workers share what a session makes once; that needs flock.
+SHARED_BETWEEN_WORKERS = fcntl is not None and bool(os.environ.get("PYTEST_XDIST_WORKER"))
 
 # CI runs the same hypothesis examples every time; locally they vary and find more.
 settings.register_profile("ci", derandomize=True, database=None)
@@ -101,7 +103,7 @@ def pytest_terminal_summary(terminalreporter):
 
 def session_dir(tmp_path_factory, name: str) -> Path:
     """A temporary directory for the whole session: under pytest-xdist, one that every worker shares."""
-    if fcntl is None or not os.environ.get("PYTEST_XDIST_WORKER"):
+    if not SHARED_BETWEEN_WORKERS:
         return tmp_path_factory.mktemp(name)
     path = tmp_path_factory.getbasetemp().parent / name
     path.mkdir(exist_ok=True)
@@ -111,7 +113,7 @@ def session_dir(tmp_path_factory, name: str) -> Path:
 @contextlib.contextmanager
 def only_one_worker(directory: Path):
     """Holds an exclusive lock on `directory`: what one xdist worker makes there, the others wait for."""
-    if fcntl is None or not os.environ.get("PYTEST_XDIST_WORKER"):
+    if not SHARED_BETWEEN_WORKERS:
         yield
         return
     with open(directory / ".lock", "w") as lock:
