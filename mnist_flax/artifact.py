@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import urllib.error
 import urllib.parse
@@ -28,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mnist_flax import sidecar
-from mnist_flax.cli import ArgumentParser, UsageError, add_debug_flag, run_main
+from mnist_flax.cli import ArgumentParser, UsageError, add_debug_flag, exit_process, run_main
 from mnist_flax.errors import MnistFlaxError
 
 DEFAULT_API = "https://api.github.com"
@@ -363,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run() -> None:
-    sys.exit(run_main(main))
+    exit_process(run_main(main))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@
 Given a directory (a training run's output, an unpacked CI artifact), its newest checkpoint is used.
 """
 
-import sys
 from collections.abc import Sequence
 
 from mnist_flax import checkpoint, cli, sidecar, step
@@ -38,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run() -> None:
-    sys.exit(cli.run_main(main))
+    cli.exit_process(cli.run_main(main))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ import functools
 import io
 import json
 import math
-import sys
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -408,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run() -> None:
-    sys.exit(cli.run_main(main))
+    cli.exit_process(cli.run_main(main))
 
 
 if __name__ == "__main__":

@@ -340,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run() -> None:
-    sys.exit(cli.run_main(main))
+    cli.exit_process(cli.run_main(main))
 
 
 if __name__ == "__main__":
