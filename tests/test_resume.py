@@ -2,6 +2,7 @@
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -12,16 +13,15 @@ import chex
 import numpy as np
 import pytest
 
-from mnist_flax import resume, step
+from mnist_flax import resume, step, train
 from mnist_flax import config as config_lib
 from mnist_flax.errors import CheckpointError
 from mnist_flax.loop import Position
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-STEPS = 200
-# Long enough that a signal sent up to 1.5 s after training starts lands mid-run, even with the
-# step's program loaded from the session's compilation cache.
+STEPS = 80  # the signal tests send theirs by the progress bar, in the first half, so it lands mid-run on any machine
 QUICK = ["--train-examples", str(STEPS * 128), "--no-plots", "--no-progress"]
+BAR_STEP = re.compile(rb"(\d+)/%d \[" % STEPS)  # tqdm's "n/total [elapsed<left...]"
 
 
 def train_cmd(out, data_dir, manual_dir, *extra):
@@ -39,14 +39,21 @@ def run(cmd, timeout=300):
 
 
 def interrupt_at_random_step(cmd, sig, rng):
-    """Starts training, waits until it trains, sends `sig` at a random moment; returns the process result."""
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = proc.stderr.readline()  # "training from step 0 of N": the signal handler is in place
-    assert line.startswith("training from step"), line + proc.stderr.read()
-    time.sleep(rng.uniform(0.0, 1.5))
-    proc.send_signal(sig)
+    """Starts training with its progress bar on and sends `sig` once the bar has passed a random
+    step of the first half (step 0: as soon as training starts); returns the process result."""
+    at = rng.randrange(0, STEPS // 2, train.PROGRESS_EVERY)
+    proc = subprocess.Popen([arg for arg in cmd if arg != "--no-progress"], cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = b""
+    while b"training from step" not in seen or max(map(int, BAR_STEP.findall(seen)), default=0) < at:
+        chunk = os.read(proc.stderr.fileno(), 65536)  # what the process has written so far, or b"" at its exit
+        if not chunk:
+            break
+        seen += chunk
+    assert b"training from step" in seen, seen.decode(errors="replace")[-2000:]
+    proc.send_signal(sig)  # nothing if it has exited already
     stdout, stderr = proc.communicate(timeout=300)
-    return proc.returncode, stdout, line + stderr
+    return proc.returncode, stdout.decode(errors="replace"), (seen + stderr).decode(errors="replace")
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +70,7 @@ def test_interrupted_run_resumes_bit_identical(tmp_path, uninterrupted, mnist_da
     out = tmp_path / "run"
     code, _, stderr = interrupt_at_random_step(train_cmd(out, mnist_data_dir, mnist_manual_dir, *QUICK), sig, rng)
     if code == 0:
-        pytest.skip("training finished before the signal arrived (machine faster than expected)")
+        pytest.skip("training finished before the signal arrived: the progress bar printed too seldom to see step %d" % STEPS)
     assert code == 128 + sig, stderr[-2000:]
     assert "--resume" in stderr and (out / resume.RESUME_FILE).is_file()
     _, position, _ = resume.load_resume_state(out)
