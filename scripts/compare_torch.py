@@ -11,6 +11,10 @@ Each round runs, in an order that rotates from round to round:
 - steps: the step loop, `scripts/benchmark.py --steps N` against the original's
   `--steps N` eager, with `--compile default` and with `--channels-last`.
 
+Every round also records `matmul_gflops`, JAX's f32 matmul rate at that moment: shared
+machines have slow periods (here 120-190 GFLOP/s against 467), and a ratio means more with
+the speed it was measured at.
+
 One JSON line per round, then one with the medians. Ratios are taken within a round
 (the machine's speed drifts between rounds), then their median. MNIST comes from
 $MNIST_FLAX_MANUAL_DIR (or --manual-dir); an untimed first train run prepares it and warms
@@ -29,6 +33,20 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TORCH_VARIANTS = {"eager": [], "compile": ["--compile", "default"], "channels_last": ["--channels-last"]}
+# The machine's compute rate now: the median of 20 jitted 2048x2048 f32 matmuls, in GFLOP/s.
+MATMUL_PROBE = """
+import statistics, time, jax, jax.numpy as jnp
+n = 2048
+a = jnp.ones((n, n), jnp.float32)
+f = jax.jit(lambda a: a @ a)
+f(a).block_until_ready()
+seconds = []
+for _ in range(20):
+    start = time.perf_counter()
+    f(a).block_until_ready()
+    seconds.append(time.perf_counter() - start)
+print(round(2 * n**3 / statistics.median(seconds) / 1e9, 1))
+"""
 
 
 def timed(cmd: list[str], env: dict, cwd: Path) -> tuple[float, str]:
@@ -64,7 +82,7 @@ def main() -> None:
         torch_cmd = [sys.executable, "-m", "pytorch_original.train", "--data", a.manual_dir]
         timed(train, env, REPO)  # untimed: prepares MNIST and fills the warm cache
 
-        jobs = {}
+        jobs = {"matmul_gflops": lambda r: float(timed([sys.executable, "-c", MATMUL_PROBE], env, REPO)[1])}
         if "command" in parts:
             jobs["flax_warm_s"] = lambda r: timed(train, env, REPO)[0]
             jobs["torch_epoch_s"] = lambda r: timed(torch_cmd, env, REPO)[0]

@@ -50,6 +50,9 @@ def test_compare_torch_takes_ratios_within_the_round():
     result = subprocess.run([sys.executable, "scripts/compare_torch.py", "--parts", "bogus"], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "--parts from command,cold,steps" in result.stderr
+    probe = subprocess.run([sys.executable, "-c", compare.MATMUL_PROBE], cwd=REPO_ROOT, capture_output=True,
+                           text=True, timeout=120)
+    assert probe.returncode == 0 and float(probe.stdout) > 1.0, probe.stderr[-2000:]  # GFLOP/s: one number
 
 
 def test_time_phases_accounts_for_the_whole_command(tmp_path, mnist_data_dir, mnist_manual_dir):
