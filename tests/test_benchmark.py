@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from mnist_flax import cli
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -16,6 +18,7 @@ def benchmark(data_dir, manual_dir, *args):
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_reports_the_steps_it_timed(mnist_data_dir, mnist_manual_dir):
     # Warm-up 1 ends with the first call (steps 1-4); 9 ends with the third (9-12): 8 steps timed.
     result = benchmark(mnist_data_dir, mnist_manual_dir, "--warmup", "1", "--steps", "8")
@@ -41,6 +44,7 @@ def load_script(name):
     return module
 
 
+@pytest.mark.slow
 def test_compare_torch_takes_ratios_within_the_round():
     compare = load_script("compare_torch")
     row = {"flax_warm_s": 10.0, "torch_epoch_s": 20.0, "flax_cold_s": 30.0, "flax_steps_ips": 9000.0,
@@ -55,6 +59,7 @@ def test_compare_torch_takes_ratios_within_the_round():
     assert probe.returncode == 0 and float(probe.stdout) > 1.0, probe.stderr[-2000:]  # GFLOP/s: one number
 
 
+@pytest.mark.slow
 def test_time_phases_accounts_for_the_whole_command(tmp_path, mnist_data_dir, mnist_manual_dir):
     result = subprocess.run([sys.executable, "scripts/time_phases.py", "--train-examples", "512", "--no-plots",
                              "--no-progress", "--output-dir", str(tmp_path), "--data-dir", str(mnist_data_dir),

@@ -18,6 +18,8 @@ from PIL import Image
 
 from conftest import require
 
+pytestmark = pytest.mark.slow  # a real browser on a real server process
+
 playwright = require("playwright.sync_api", "pip install playwright (the test extra)")
 
 # The flags that make Chromium quiet and self-contained in a container, offline.

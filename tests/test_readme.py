@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import REPO, require, require_torch
@@ -34,6 +35,7 @@ def test_readme_is_short_and_for_users():
     assert "../shared" not in README
 
 
+@pytest.mark.slow
 def test_every_module_the_readme_runs_answers_help():
     modules = sorted({m for cmd in shell_commands() for m in re.findall(r"python -m ([\w.]+)", cmd)})
     assert {"mnist_flax.train", "mnist_flax.evaluate", "mnist_flax.predict", "mnist_flax.export",
@@ -74,6 +76,7 @@ def run_export_then_snippet(tmp_path, trained_checkpoint, mnist_data_dir, mnist_
     return result.stdout
 
 
+@pytest.mark.slow
 def test_pytorch_snippet_runs_as_written(tmp_path, trained_checkpoint, mnist_data_dir, mnist_manual_dir):
     """After the README's own export command, its PyTorch snippet gives the checkpoint's accuracy."""
     require_torch()
@@ -84,6 +87,7 @@ def test_pytorch_snippet_runs_as_written(tmp_path, trained_checkpoint, mnist_dat
     assert out.strip() == f"test accuracy in PyTorch: {accuracy:.2%}"
 
 
+@pytest.mark.slow
 def test_onnx_snippet_runs_as_written(tmp_path, trained_checkpoint, mnist_data_dir, mnist_manual_dir):
     """The README's ONNX export command, then its onnxruntime snippet: the checkpoint's accuracy."""
     require("onnxruntime", "pip install 'mnist-flax[onnx]'")

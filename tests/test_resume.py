@@ -64,6 +64,7 @@ def uninterrupted(tmp_path_factory, mnist_data_dir, mnist_manual_dir):
     return next(out.glob("*.msgpack"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_run_resumes_bit_identical(tmp_path, uninterrupted, mnist_data_dir, mnist_manual_dir, sig):
     rng = random.Random(int(sig) * 7919 + os.getpid())
@@ -85,6 +86,7 @@ def test_interrupted_run_resumes_bit_identical(tmp_path, uninterrupted, mnist_da
     assert steps == list(range(1, STEPS + 1))  # no step logged twice or missing
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds processes through Linux's /proc")
 def test_ctrl_c_in_a_terminal_leaves_no_plot_worker_behind(tmp_path, mnist_data_dir, mnist_manual_dir):
     """With plots on, the command runs plot workers. A terminal's Ctrl-C goes to the whole
@@ -122,6 +124,7 @@ def test_checkpoint_every_and_resume_flags_conflict(tmp_path, mnist_data_dir, mn
     assert result.returncode == 2 and "drop --epochs" in result.stderr
 
 
+@pytest.mark.slow
 def test_checkpoint_every_survives_sigkill(tmp_path, mnist_data_dir, mnist_manual_dir, uninterrupted):
     """--checkpoint-every N saves as it goes; after a SIGKILL the last save resumes bit-identical."""
     out = tmp_path / "run"
@@ -142,6 +145,7 @@ def test_checkpoint_every_survives_sigkill(tmp_path, mnist_data_dir, mnist_manua
     assert not list(out.glob(".*.tmp"))  # the successful run cleared any stray temporary
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_state(tmp_path, mnist_data_dir, mnist_manual_dir):
     result = run(train_cmd(tmp_path, mnist_data_dir, mnist_manual_dir, *QUICK, "--learning-rate", "1e30"))
     assert result.returncode == 1

@@ -43,6 +43,7 @@ def follows_conv_bias(name: str) -> bool:
     return (name.startswith("var:params/conv") and name.endswith("/bias")) or name.endswith("/mean")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("count", DEVICE_COUNTS)
 def test_same_results_as_one_device(device_runs, count):
     one_device, many = device_runs[1], device_runs[count]
@@ -70,6 +71,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_as_one_process_with_two_devices(tmp_path, mnist_data_dir, mnist_manual_dir):
     """--distributed: two processes (one CPU device each) compute what one process with two devices does."""
     common = [sys.executable, "-m", "mnist_flax.train", "--train-examples", "640", "--no-plots", "--no-progress",
@@ -149,6 +151,7 @@ def uses_glibc() -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not uses_glibc(), reason="the allocator settings are glibc's")
 def test_step_temporaries_stay_mapped():
     # XLA allocates a call's temporaries (tens of MiB) afresh on every call; glibc would map them

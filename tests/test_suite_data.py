@@ -4,8 +4,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 from mnist_flax import data
+
+pytestmark = pytest.mark.slow  # pytest runs of its own, each preparing MNIST
 
 REAL_DATA_TEST = "tests/test_data.py::test_real_mnist"
 
