@@ -6,6 +6,7 @@ them when $CI is set, so CI cannot pass by skipping.
 """
 
 import atexit
+import collections
 import contextlib
 import importlib
 import importlib.util
@@ -90,6 +91,20 @@ def mnist_manual_dir() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+def pytest_collection_modifyitems(items):
+    """The files that start processes first (most slow tests first), then the rest, most tests
+    first; each file's own order is kept.
+
+    pytest-xdist (`--dist loadfile --no-loadscope-reorder`) hands a file to whichever worker is
+    free, in this order. Its own order, most tests first, left the one-test end-to-end file and
+    the few-test files of real processes for last, so one worker ran them while the other idled.
+    Ending on small in-process files evens the workers out.
+    """
+    slow = collections.Counter(item.path for item in items if item.get_closest_marker("slow"))
+    tests = collections.Counter(item.path for item in items)
+    items.sort(key=lambda item: (-slow[item.path], -tests[item.path]))
 
 
 def pytest_terminal_summary(terminalreporter):
