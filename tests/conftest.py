@@ -93,6 +93,7 @@ def mnist_manual_dir() -> Path:
     return path
 
 
+@pytest.hookimpl(trylast=True)  # after -m and -k: only the tests that run count
 def pytest_collection_modifyitems(items):
     """The files that start processes first (most slow tests first), then the rest, most tests
     first; each file's own order is kept.
