@@ -84,8 +84,8 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
 def exit_process(code: int) -> NoReturn:
     """Ends a command that has finished its work: sys.exit(code) without the interpreter's teardown.
 
-    Tearing down frees every module and each of jaxlib's compiled programs one by one, about
-    0.5 s after a training run (docs/performance.md), for memory the OS takes back at once.
+    Tearing down frees every module and each of jaxlib's compiled programs one by one (its cost
+    after a training run is in docs/performance.md), for memory the OS takes back at once.
     What an exit must do still happens: the atexit handlers run and both standard streams are
     flushed. While another non-daemon thread runs, it exits the ordinary way, which waits for it.
     """
