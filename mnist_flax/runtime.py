@@ -8,7 +8,6 @@ shardings tell XLA where the data lives, and it inserts the all-reduces, so
 BatchNorm statistics and the loss are still over the whole batch.
 """
 
-import ctypes
 import os
 
 import jax
@@ -20,37 +19,12 @@ from mnist_flax.errors import MnistFlaxError
 
 BATCH_AXIS = "batch"
 
-# mallopt(3) parameter numbers, from glibc's <malloc.h>.
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-
-
-def keep_freed_memory() -> bool:
-    """Makes glibc's malloc keep freed large blocks mapped instead of returning them to the kernel.
-
-    XLA:CPU allocates the temporaries of each call of a compiled program as one block of tens
-    of MiB and frees it after the call. glibc serves a block that large with mmap, or from a
-    new per-thread heap that it unmaps as soon as it is empty, so every call would page-fault
-    the whole block back in (docs/performance.md). A 64 MiB mmap threshold, a 1 GiB trim
-    threshold and a 64 MiB top pad (glibc keeps an emptied heap when the one before it has
-    less room than that) keep it mapped. A single arena would too, but its lock is contended.
-    Returns False where the C library has no mallopt (macOS) or ignores it (musl).
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    settings = ((_M_MMAP_THRESHOLD, 64 << 20), (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 64 << 20))
-    return all([mallopt(parameter, value) == 1 for parameter, value in settings])
-
-
 def configure(count: int = 0) -> None:
-    """Process-wide settings for training; call before JAX first computes.
+    """On CPU, runs as `count` host devices (0: JAX's default, one); call before JAX first computes.
 
-    Keeps malloc from unmapping the step's temporaries, and on CPU runs as `count` host
-    devices (0: JAX's default, one). The XLA flags are set before this, by
-    `cli.add_xla_flags`, which every command runs first.
+    The XLA flags and the allocator's settings come before this, from `cli.run_main`,
+    which every command runs first.
     """
-    keep_freed_memory()
     if count > 1:
         try:
             jax.config.update("jax_num_cpu_devices", count)

@@ -46,6 +46,7 @@ def main() -> None:
     if a.warmup + a.steps > config.steps_per_epoch():
         p.error(f"--warmup + --steps must fit in one epoch ({config.steps_per_epoch()} steps of {a.batch_size})")
     cli.add_xla_flags()  # before JAX computes anything, as every command does
+    cli.keep_freed_memory()
     runtime.configure(a.devices)
     runtime.enable_compilation_cache()  # as the train command does (MNIST_FLAX_COMPILATION_CACHE=off: compile)
 

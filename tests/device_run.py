@@ -18,6 +18,7 @@ STEPS_PER_CALL = 2
 
 def main(count: int, out: str) -> None:
     cli.add_xla_flags()
+    cli.keep_freed_memory()
     runtime.configure(count)
     runtime.enable_compilation_cache()  # the session's, as the commands use it
     mesh = runtime.make_mesh(count)
