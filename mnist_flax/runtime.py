@@ -1,4 +1,4 @@
-"""The process's runtime: XLA flags, malloc, the compilation cache, devices and hosts.
+"""The process's runtime: the compilation cache, devices and hosts (XLA flags and malloc: cli.py).
 
 Data parallelism: each batch is split over devices on a 1-D mesh, parameters replicated.
 The same code runs on one CPU, on several CPU "host devices" (XLA splits the
