@@ -30,9 +30,8 @@ CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution
 def add_xla_flags() -> None:
     """Adds the project's XLA flags to $XLA_FLAGS unless it names them already.
 
-    Every command sets them before JAX starts (run_main), so that training, evaluation
-    and prediction run the same kernels and agree on every prediction. Tests and scripts
-    that compute in-process call it themselves.
+    Every command sets them before JAX starts (set_up_process), so that training, evaluation
+    and prediction run the same kernels and agree on every prediction.
     """
     flags = os.environ.get("XLA_FLAGS", "")
     for flag in CPU_XLA_FLAGS:
@@ -54,7 +53,7 @@ def keep_freed_memory() -> bool:
     the whole block back in (docs/performance.md). A 64 MiB mmap threshold, a 1 GiB trim
     threshold and a 64 MiB top pad (glibc keeps an emptied heap when the one before it has
     less room than that) keep it mapped. A single arena would too, but its lock is contended.
-    Every command sets them (run_main): the training step and the evaluation of the test set
+    Every command sets them (set_up_process): the training step and the evaluation of the test set
     in batches of 1,000 both allocate such blocks on every call.
     Returns False where the C library has no mallopt (macOS) or ignores it (musl).
     """
@@ -64,6 +63,15 @@ def keep_freed_memory() -> bool:
         return False
     settings = ((_M_MMAP_THRESHOLD, 64 << 20), (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 64 << 20))
     return all([mallopt(parameter, value) == 1 for parameter, value in settings])
+
+
+def set_up_process() -> None:
+    """What every command sets before JAX computes: the XLA flags and the allocator's settings.
+
+    run_main calls it; scripts and tests that compute in-process as the commands do call it too.
+    """
+    add_xla_flags()
+    keep_freed_memory()
 
 
 class UsageError(MnistFlaxError):
@@ -86,8 +94,7 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
 
     `main` parses its own arguments; `--debug` anywhere in argv re-raises instead.
     """
-    add_xla_flags()  # before anything starts JAX
-    keep_freed_memory()  # before XLA's first call allocates
+    set_up_process()  # before anything starts JAX
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     prog = "mnist_flax"
     try:

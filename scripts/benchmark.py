@@ -45,8 +45,7 @@ def main() -> None:
     config = config_lib.resolve(batch_size=a.batch_size, steps_per_call=a.steps_per_call, ops=a.ops)
     if a.warmup + a.steps > config.steps_per_epoch():
         p.error(f"--warmup + --steps must fit in one epoch ({config.steps_per_epoch()} steps of {a.batch_size})")
-    cli.add_xla_flags()  # before JAX computes anything, as every command does
-    cli.keep_freed_memory()
+    cli.set_up_process()  # before JAX computes anything, as every command does
     runtime.configure(a.devices)
     runtime.enable_compilation_cache()  # as the train command does (MNIST_FLAX_COMPILATION_CACHE=off: compile)
 

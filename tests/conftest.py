@@ -59,8 +59,7 @@ os.environ[runtime.COMPILATION_CACHE_ENV] = tests_compilation_cache_dir()
 os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(TEST_CACHE_MAX_BYTES)  # read by every JAX the tests start
 jax.config.update("jax_compilation_cache_max_size", TEST_CACHE_MAX_BYTES)
 runtime.enable_compilation_cache()  # and this process too: what a fixture compiled, a command loads
-cli.add_xla_flags()  # in-process computations run the kernels the commands run
-cli.keep_freed_memory()  # and with the allocator's settings the commands have
+cli.set_up_process()  # in-process computations run the kernels, and allocate, as the commands do
 
 
 MISSING_MNIST = "real MNIST not found"

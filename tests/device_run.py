@@ -17,8 +17,7 @@ STEPS_PER_CALL = 2
 
 
 def main(count: int, out: str) -> None:
-    cli.add_xla_flags()
-    cli.keep_freed_memory()
+    cli.set_up_process()
     runtime.configure(count)
     runtime.enable_compilation_cache()  # the session's, as the commands use it
     mesh = runtime.make_mesh(count)
