@@ -1,5 +1,6 @@
 """Shared fixtures: where the real MNIST IDX files are, and MNIST prepared once per session;
-a briefly trained checkpoint, and the PyTorch original (pytorch_original/) for parity tests.
+a briefly trained checkpoint (kept between sessions while the code is the same), and the PyTorch
+original (pytorch_original/) for parity tests.
 
 Prerequisites that are missing (MNIST, torch, the onnx and serve extras) skip their tests locally but fail
 them when $CI is set, so CI cannot pass by skipping.
@@ -8,12 +9,16 @@ them when $CI is set, so CI cannot pass by skipping.
 import atexit
 import collections
 import contextlib
+import hashlib
 import importlib
+import importlib.metadata
 import importlib.util
 import os
+import platform
 import shutil
 import signal
 import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -33,8 +38,9 @@ settings.register_profile("ci", derandomize=True, database=None)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
-from mnist_flax import checkpoint, cli, data, loop, runtime, step, train
+from mnist_flax import checkpoint, cli, data, loop, runtime, sidecar, step, train
 from mnist_flax import config as config_lib
+from mnist_flax.errors import CheckpointError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,7 +61,8 @@ def tests_compilation_cache_dir() -> str:
     return path
 
 
-os.environ[runtime.COMPILATION_CACHE_ENV] = tests_compilation_cache_dir()
+TEST_CACHE_DIR = tests_compilation_cache_dir()
+os.environ[runtime.COMPILATION_CACHE_ENV] = TEST_CACHE_DIR
 os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(TEST_CACHE_MAX_BYTES)  # read by every JAX the tests start
 jax.config.update("jax_compilation_cache_max_size", TEST_CACHE_MAX_BYTES)
 runtime.enable_compilation_cache()  # and this process too: what a fixture compiled, a command loads
@@ -179,10 +186,82 @@ def trained_checkpoint(mnist_arrays, test_set, tmp_path_factory) -> Path:
     """A checkpoint (msgpack + sidecar) after TRAIN_STEPS real Adam steps on MNIST.
 
     Trained once per session: under pytest-xdist the first worker that needs it trains it.
+    Kept between sessions beside the tests' compiled programs, under a digest of everything
+    that decides its bits (see trained_checkpoint_key): training is deterministic, so a kept
+    one is the checkpoint this code trains here, and any change to the code trains anew.
     """
     directory = session_dir(tmp_path_factory, "trained")
     with only_one_worker(directory):
-        return next(directory.glob("*.msgpack"), None) or train_checkpoint(mnist_arrays, test_set, directory)
+        found = next(directory.glob("*.msgpack"), None)
+        if found:
+            return found
+        kept = KEPT_CHECKPOINTS / trained_checkpoint_key()
+        if copy_valid_checkpoint(kept, directory):
+            return next(directory.glob("*.msgpack"))
+        path = train_checkpoint(mnist_arrays, test_set, directory)
+        keep_checkpoint(path, kept)
+        return path
+
+
+# Inside the tests' compilation cache, so that CI's cache of it keeps these too; JAX's size
+# bound only counts and evicts the files at the top of that directory.
+KEPT_CHECKPOINTS = Path(TEST_CACHE_DIR) / "trained-checkpoints"
+KEEP_AT_MOST = 4  # digests kept: a few checkouts (a worktree, a branch) can share the cache
+
+
+def trained_checkpoint_key(root: Path = REPO) -> str:
+    """A digest of what the session's checkpoint depends on: the package's code, this file
+    (TRAIN_STEPS, train_checkpoint), the libraries that compute it, the XLA flags and the CPU.
+    MNIST needs no entry: data.py verifies the IDX files' sha256."""
+    digest = hashlib.sha256()
+    for path in sorted((root / "mnist_flax").rglob("*.py")) + [root / "tests" / "conftest.py"]:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    for dist in ("jax", "jaxlib", "flax", "optax", "numpy"):
+        digest.update(f"{dist}=={importlib.metadata.version(dist)}\0".encode())
+    digest.update(f"{os.environ.get('XLA_FLAGS', '')}\0{platform.machine()}\0{cpu_description()}".encode())
+    return digest.hexdigest()[:24]
+
+
+def cpu_description() -> str:
+    """The first CPU's model and feature flags (Linux), which decide the kernels XLA emits."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    except OSError:
+        return platform.processor()
+    return "\n".join(line for line in cpuinfo.splitlines() if line.startswith(("model name", "flags")))
+
+
+def copy_valid_checkpoint(kept: Path, directory: Path) -> bool:
+    """Copies a kept checkpoint into `directory` if it loads (its sidecar's sha256 matches)."""
+    found = next(kept.glob("*.msgpack"), None) if kept.is_dir() else None
+    if found is None:
+        return False
+    try:
+        checkpoint.load_checkpoint(found)  # a damaged entry is trained again
+        for path in (sidecar.path_for(found), found):  # the msgpack last: its presence means both are there
+            shutil.copy2(path, directory / path.name)
+        os.utime(kept)  # the digests in use are the ones kept longest
+    except (CheckpointError, OSError):
+        return False
+    return True
+
+
+def keep_checkpoint(path: Path, kept: Path) -> None:
+    """Publishes the checkpoint at `path` and its sidecar as `kept`, whole or not at all;
+    drops all but the KEEP_AT_MOST newest digests."""
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=kept.parent))
+    for file in (path, sidecar.path_for(path)):
+        shutil.copy2(file, staging / file.name)
+    try:
+        staging.rename(kept)  # atomic; fails if another session published it first
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    entries = sorted(kept.parent.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+    stale = [p for p in entries if not p.name.startswith(".")][KEEP_AT_MOST:]
+    stale += [p for p in entries if p.name.startswith(".staging-") and time.time() - p.stat().st_mtime > 3600]
+    for p in stale:  # the second: left by a session killed while publishing
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def train_checkpoint(mnist_arrays, test_set, directory: Path) -> Path:
