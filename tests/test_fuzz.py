@@ -47,7 +47,6 @@ from mnist_flax import checkpoint, export, resume, sidecar, step
 from mnist_flax import config as config_lib
 from mnist_flax.errors import CheckpointError
 from mnist_flax.loop import Position
-from mnist_flax.model import init_variables
 
 PER_CASE_S = 10  # hard bound (SIGALRM)
 MAX_TRACED_BYTES = 64 * 2**20  # 4x the largest file any loader accepts
@@ -108,7 +107,11 @@ def check_loader(name: str, load, source: str):
 
 # --- valid files to mutate ---------------------------------------------------------
 
-VARIABLES = jax.device_get(init_variables(jax.random.key(0)))
+# One jitted init for both seed files: every pytest-xdist worker builds them while collecting,
+# and the model's init op by op was 2 s of that.
+CONFIG = config_lib.resolve()
+STATE = jax.device_get(step.create_train_state(CONFIG))
+VARIABLES = step.model_variables(STATE)
 CKPT_BYTES = checkpoint.variables_to_bytes(VARIABLES)
 CKPT_TREE = serialization.msgpack_restore(CKPT_BYTES)
 TORCH_STATE = export.flax_to_torch_state(VARIABLES, 7)
@@ -117,12 +120,10 @@ NPZ_BYTES = export.state_to_npz(TORCH_STATE)
 
 
 def _resume_bytes() -> bytes:
-    config = config_lib.resolve()
-    state = step.create_train_state(config)
     tree = {"version": resume.VERSION,
-            "state": jax.tree.map(np.asarray, serialization.to_state_dict(jax.device_get(state))),
+            "state": jax.tree.map(np.asarray, serialization.to_state_dict(STATE)),
             "position": dataclasses.asdict(Position(epoch=0, batch=3, loss_sum=1.5, correct=2.0, count=3.0)),
-            "config": config.to_dict()}
+            "config": CONFIG.to_dict()}
     return serialization.msgpack_serialize(tree)
 
 
