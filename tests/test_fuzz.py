@@ -150,6 +150,13 @@ def test_the_seed_files_are_valid(workdir):
 
 # --- strategies ----------------------------------------------------------------------
 
+# Strategies whose arguments do not change between draws are built once: hypothesis validates a
+# new strategy object and computes its properties every time one is built. The same strategies
+# draw the same cases.
+MUTATIONS = st.sampled_from(["flip", "set", "insert", "delete", "truncate"])
+SPECIAL_BYTES = st.sampled_from([0x00, 0xff, 0x7f, 0x80, 0xc0, 0xc1, 0xc6, 0xc9, 0xd9, 0xdd, 0xdf])
+
+
 @st.composite
 def mutated(draw, seed: bytes, hot: int = 512):
     """`seed` with a few byte flips, insertions and deletions, or cut off anywhere.
@@ -162,11 +169,11 @@ def mutated(draw, seed: bytes, hot: int = 512):
     for _ in range(draw(st.integers(1, 6))):
         n = len(data)
         pos = draw(st.one_of(st.integers(0, max(0, min(n, hot) - 1)), st.integers(0, max(0, n - 1))))
-        op = draw(st.sampled_from(["flip", "set", "insert", "delete", "truncate"]))
+        op = draw(MUTATIONS)
         if op == "flip" and n:
             data[pos] ^= draw(st.integers(1, 255))
         elif op == "set" and n:
-            data[pos] = draw(st.sampled_from([0x00, 0xff, 0x7f, 0x80, 0xc0, 0xc1, 0xc6, 0xc9, 0xd9, 0xdd, 0xdf]))
+            data[pos] = draw(SPECIAL_BYTES)
         elif op == "insert":
             data[pos:pos] = draw(st.binary(min_size=1, max_size=64))
         elif op == "delete":
@@ -240,6 +247,9 @@ def _copy(tree):
     return {k: _copy(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
 
 
+TREE_OPS = st.sampled_from(["replace", "replace", "extra", "drop", "deep"])
+
+
 @st.composite
 def broken_tree(draw, tree: dict) -> bytes:
     """`tree` with one node (any level) replaced by a wrong value, dropped, or given extra keys; packed."""
@@ -249,7 +259,7 @@ def broken_tree(draw, tree: dict) -> bytes:
     parent = tree
     for k in path[:-1]:
         parent = parent[k]
-    op = draw(st.sampled_from(["replace", "replace", "extra", "drop", "deep"]))
+    op = draw(TREE_OPS)
     target = parent[path[-1]] if path else tree
     if op == "extra" and isinstance(target, dict):
         target[draw(keys)] = draw(values)
@@ -275,12 +285,13 @@ def _pack_default(obj):
     raise TypeError(type(obj))
 
 
-def resume_config_values():
-    return st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1),
-                     st.sampled_from([0, -1, 2**31, 2**63 - 1, 2**64 - 1]),
-                     st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.5, 1e300, -0.0]),
-                     st.text(max_size=8), st.sampled_from(["original", "onecycle", "bogus", "nadam", "auto"]),
-                     st.binary(max_size=8), st.lists(st.integers(-2**63, 2**63 - 1), max_size=2))
+RESUME_FIELD_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.sampled_from([0, -1, 2**31, 2**63 - 1, 2**64 - 1]),
+    st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.5, 1e300, -0.0]), st.text(max_size=8),
+    st.sampled_from(["original", "onecycle", "bogus", "nadam", "auto"]), st.binary(max_size=8),
+    st.lists(st.integers(-2**63, 2**63 - 1), max_size=2))
+RESUME_PARTS = st.sampled_from(["config", "position"])
+RESUME_OPS = st.sampled_from(["set", "set", "set", "drop", "extra"])
 
 
 @st.composite
@@ -288,14 +299,14 @@ def broken_resume_fields(draw) -> bytes:
     """The resume tree with its config/position fields given wrong, huge or missing values."""
     tree = _copy(RESUME_TREE)
     for _ in range(draw(st.integers(1, 3))):
-        part = draw(st.sampled_from(["config", "position"]))
-        op = draw(st.sampled_from(["set", "set", "set", "drop", "extra"]))
+        part = draw(RESUME_PARTS)
+        op = draw(RESUME_OPS)
         if op == "set":
-            tree[part][draw(st.sampled_from(sorted(tree[part])))] = draw(resume_config_values())
+            tree[part][draw(st.sampled_from(sorted(tree[part])))] = draw(RESUME_FIELD_VALUES)
         elif op == "drop" and tree[part]:
             del tree[part][draw(st.sampled_from(sorted(tree[part])))]
         else:
-            tree[part][draw(st.text(max_size=6))] = draw(resume_config_values())
+            tree[part][draw(st.text(max_size=6))] = draw(RESUME_FIELD_VALUES)
     return msgpack.packb(tree, default=_pack_default, use_bin_type=True)
 
 
@@ -417,29 +428,35 @@ json_values = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-2**7
 big_ints = st.sampled_from([-1, 0, 2**31, 2**32, 2**63 - 1, 2**64, 2**64 - 1, 10**30])
 
 
+HEADER_FIELDS = st.sampled_from(["dtype", "shape", "data_offsets", "whole", "extra_tensor"])
+WRONG_DTYPES = st.one_of(st.sampled_from(["F16", "BF16", "F64", "I32", "BOOL", "U8", "I64", "F32", "", "F8_E4M3"]),
+                         json_values)
+WRONG_SHAPES = st.one_of(st.lists(st.one_of(st.integers(-1, 600), big_ints), max_size=5), json_values)
+WRONG_OFFSETS = st.one_of(st.lists(st.one_of(st.integers(0, 50_000), big_ints), max_size=3), json_values)
+HUGE_SHAPES, HUGE_OFFSETS = st.lists(big_ints, max_size=3), st.lists(big_ints, min_size=2, max_size=2)
+PAYLOADS = st.one_of(st.just(SAFETENSORS_PAYLOAD),
+                     st.integers(0, len(SAFETENSORS_PAYLOAD)).map(lambda n: SAFETENSORS_PAYLOAD[:n]))
+
+
 @st.composite
 def broken_safetensors_header(draw) -> bytes:
     """The real header with one tensor's dtype/shape/offsets (or the metadata) made wrong or hostile."""
     header = json.loads(json.dumps(SAFETENSORS_HEADER))
     for _ in range(draw(st.integers(1, 3))):
         key = draw(st.sampled_from(sorted(header)))
-        field = draw(st.sampled_from(["dtype", "shape", "data_offsets", "whole", "extra_tensor"]))
+        field = draw(HEADER_FIELDS)
         if key == "__metadata__" or field == "whole" or not isinstance(header[key], dict):
             header[key] = draw(json_values)
         elif field == "dtype":
-            header[key]["dtype"] = draw(st.one_of(st.sampled_from(["F16", "BF16", "F64", "I32", "BOOL", "U8",
-                                                                    "I64", "F32", "", "F8_E4M3"]), json_values))
+            header[key]["dtype"] = draw(WRONG_DTYPES)
         elif field == "shape":
-            header[key]["shape"] = draw(st.one_of(st.lists(st.one_of(st.integers(-1, 600), big_ints), max_size=5),
-                                                  json_values))
+            header[key]["shape"] = draw(WRONG_SHAPES)
         elif field == "data_offsets":
-            header[key]["data_offsets"] = draw(st.one_of(st.lists(st.one_of(st.integers(0, 50_000), big_ints),
-                                                                  max_size=3), json_values))
+            header[key]["data_offsets"] = draw(WRONG_OFFSETS)
         else:
-            header[draw(st.text(max_size=8))] = {"dtype": "F32", "shape": draw(st.lists(big_ints, max_size=3)),
-                                                 "data_offsets": draw(st.lists(big_ints, min_size=2, max_size=2))}
-    payload = draw(st.one_of(st.just(SAFETENSORS_PAYLOAD), st.integers(0, len(SAFETENSORS_PAYLOAD)).map(
-        lambda n: SAFETENSORS_PAYLOAD[:n])))
+            header[draw(st.text(max_size=8))] = {"dtype": "F32", "shape": draw(HUGE_SHAPES),
+                                                 "data_offsets": draw(HUGE_OFFSETS)}
+    payload = draw(PAYLOADS)
     return safetensors_file(header, payload)
 
 
@@ -522,19 +539,27 @@ wrong_arrays = st.one_of(
     st.builds(lambda: np.array([{"a": 1}], dtype=object)))
 
 
+NPZ_OPS = st.sampled_from(["replace", "replace", "drop", "extra"])
+MEMBER_KEYS = st.text(st.characters(min_codepoint=97, max_codepoint=122), min_size=1, max_size=8)
+MEMBER_NAMES = st.sampled_from(["conv1.weight.npy", "fc.bias.npy", "x.npy", "notes.txt", "dir/a.npy"])
+DECLARED_SHAPES = st.lists(st.one_of(st.integers(0, 100), st.sampled_from([2**31, 2**40, 2**62])), max_size=3)
+DESCRS = st.sampled_from(["<f4", "<f8", "|O", "<i8", "|V8", "<U3", "|b1"])
+NPY_VERSIONS = st.sampled_from([(1, 0), (2, 0), (3, 0), (9, 9)])
+DECLARED_SIZES = st.one_of(st.none(), st.integers(0, 2**31))
+
+
 @st.composite
 def broken_npz(draw) -> bytes:
     state = dict(TORCH_STATE)
     for _ in range(draw(st.integers(1, 3))):
-        op = draw(st.sampled_from(["replace", "replace", "drop", "extra"]))
+        op = draw(NPZ_OPS)
         key = draw(st.sampled_from(sorted(state))) if state else "x"
         if op == "replace" or not state:
             state[key] = draw(wrong_arrays)
         elif op == "drop":
             del state[key]
         else:
-            state[draw(st.text(st.characters(min_codepoint=97, max_codepoint=122), min_size=1, max_size=8))] = \
-                draw(wrong_arrays)
+            state[draw(MEMBER_KEYS)] = draw(wrong_arrays)
     return npz_bytes(state, compressed=draw(st.booleans()))
 
 
@@ -543,13 +568,10 @@ def hostile_npz(draw) -> bytes:
     """Hand-made members: huge declared shapes, odd npy versions and dtypes, non-npy members, zip bombs."""
     members = {}
     for _ in range(draw(st.integers(1, 3))):
-        name = draw(st.sampled_from(["conv1.weight.npy", "fc.bias.npy", "x.npy", "notes.txt", "dir/a.npy"]))
-        shape = draw(st.lists(st.one_of(st.integers(0, 100), st.sampled_from([2**31, 2**40, 2**62])),
-                              max_size=3))
-        descr = draw(st.sampled_from(["<f4", "<f8", "|O", "<i8", "|V8", "<U3", "|b1"]))
-        version = draw(st.sampled_from([(1, 0), (2, 0), (3, 0), (9, 9)]))
+        name, shape = draw(MEMBER_NAMES), draw(DECLARED_SHAPES)
+        descr, version = draw(DESCRS), draw(NPY_VERSIONS)
         members[name] = npy_member(shape, descr, version, draw(st.binary(max_size=64)))
-    declared = draw(st.one_of(st.none(), st.integers(0, 2**31)))
+    declared = draw(DECLARED_SIZES)
     data = zip_of(members, declared)
     if draw(st.booleans()):
         data = draw(mutated(data, hot=len(data)))
