@@ -257,11 +257,19 @@ def keep_checkpoint(path: Path, kept: Path) -> None:
         staging.rename(kept)  # atomic; fails if another session published it first
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
-    entries = sorted(kept.parent.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+    entries = sorted(kept.parent.iterdir(), key=modified, reverse=True)
     stale = [p for p in entries if not p.name.startswith(".")][KEEP_AT_MOST:]
-    stale += [p for p in entries if p.name.startswith(".staging-") and time.time() - p.stat().st_mtime > 3600]
+    stale += [p for p in entries if p.name.startswith(".staging-") and time.time() - modified(p) > 3600]
     for p in stale:  # the second: left by a session killed while publishing
         shutil.rmtree(p, ignore_errors=True)
+
+
+def modified(path: Path) -> float:
+    """Its modification time; 0 if another session, pruning too, has just removed it."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def train_checkpoint(mnist_arrays, test_set, directory: Path) -> Path:
