@@ -108,7 +108,7 @@ def check_loader(name: str, load, source: str):
 # --- valid files to mutate ---------------------------------------------------------
 
 # One jitted init for both seed files: every pytest-xdist worker builds them while collecting,
-# and the model's init op by op was 2 s of that.
+# and the model's init run op by op loads each of its dozens of small programs.
 CONFIG = config_lib.resolve()
 STATE = jax.device_get(step.create_train_state(CONFIG))
 VARIABLES = step.model_variables(STATE)
