@@ -20,7 +20,7 @@ IMAGE_SHAPE = (28, 28, 1)  # NHWC, one channel
 NUM_TRAIN_EXAMPLES = 60_000
 
 OPTIMIZERS = ("adam", "nadam")
-MAX_STEPS_PER_CALL = 64  # each step is unrolled into the compiled call: more only lengthens compiling
+MAX_STEPS_PER_CALL = 64  # a call's batches are gathered at once, and Ctrl-C waits for the call to end
 SCHEDULES = ("constant", "onecycle")
 # Which form of the network's blocks trains (model.py): "auto" picks by backend (ops.py).
 OPS = ("auto", "fused", "plain")

@@ -13,8 +13,9 @@ equal, exactly in float64 and tightly in float32. Why each looks the way it does
   negative), so the full-size activation is never written. Each window's gradient goes to
   its first maximum, as nn.max_pool's select_and_scatter and PyTorch send it.
 * The convolution is one `jax.custom_vjp` that picks, per product, the form XLA:CPU runs
-  fastest: a single input channel as shifted multiply-adds (one fused pass), a 3x3 input
-  gradient as per-tap matrix products, everything else as `lax.conv_general_dilated`.
+  fastest: a single input channel as shifted multiply-adds (one fused pass), input
+  gradients as per-tap matrix products, everything else as `lax.conv_general_dilated` in
+  the one layout XLA:CPU hands to Eigen inside a loop too (`_lax_conv`).
 
 docs/performance.md has the measurements behind each choice and the command that
 reproduces them.
@@ -40,6 +41,16 @@ def use_fused(setting: str = "auto", backend: str | None = None) -> bool:
     if setting not in FORMS:
         raise ValueError(f"ops must be auto, fused or plain, got {setting!r}")
     return setting == "fused"
+
+
+def steps_need_unrolling(fused: bool, backend: str | None = None) -> bool:
+    """Whether a loop of training steps (step.multi_step) must be written out to run fast.
+
+    Only the plain form on CPU: its convolutions' gradients are autodiff's, in layouts that
+    XLA:CPU rewrites into Eigen's only outside loops (`_lax_conv`); the fused form's are all
+    in Eigen's layout already, and GPUs and TPUs have no such limit.
+    """
+    return not fused and (backend or jax.default_backend()) == "cpu"
 
 
 # --------------------------------------------------------------------------- BatchNorm statistics
@@ -98,6 +109,13 @@ def _computed_once(fn, *args) -> jax.Array:
 
 
 def _lax_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The one convolution XLA:CPU is given: NHWC by HWIO, the layout it hands to Eigen.
+
+    XLA:CPU rewrites a convolution in another layout (autodiff's transposed ones) into this
+    one only in a program's top level (its ConvCanonicalization pass); inside a loop, such as
+    the scan of step.multi_step, it runs in XLA's own loop nest, about ten times slower. So
+    every product below is one of these, or matrix products.
+    """
     return lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
@@ -116,6 +134,16 @@ def _conv_input_gradient(kernel: jax.Array, dz: jax.Array) -> jax.Array:
                for i in range(kh) for j in range(kw))
 
 
+def _kernel_gradient(x: jax.Array, dz: jax.Array) -> jax.Array:
+    """d(conv)/d(kernel): x correlated with dz over the positions, the batch contracted.
+
+    The batch is the contracted feature and the input channels the batch of `_lax_conv`,
+    which is how XLA rewrites autodiff's weight gradient outside a loop: the same products.
+    """
+    by_input_channel = _lax_conv(x.transpose(3, 1, 2, 0), dz.transpose(1, 2, 0, 3))  # (I, kh, kw, O)
+    return by_input_channel.transpose(1, 2, 0, 3)
+
+
 def _conv_forward(x, kernel):
     y = _single_channel_conv(x, kernel) if x.shape[-1] == 1 else _lax_conv(x, kernel)
     return y, (x, kernel)
@@ -123,12 +151,8 @@ def _conv_forward(x, kernel):
 
 def _conv_backward(saved, dz):
     x, kernel = saved
-    d_kernel = jax.vjp(lambda k: _lax_conv(x, k), kernel)[1](dz)[0]
-    if kernel.shape[:2] == (1, 1):  # a plain matrix product already
-        dx = jax.vjp(lambda v: _lax_conv(v, kernel), x)[1](dz)[0]
-    else:  # for the first layer this is the images' gradient, which nothing uses: XLA drops it
-        dx = _conv_input_gradient(kernel, dz)
-    return dx, d_kernel
+    # For the first layer dx is the images' gradient, which nothing uses: XLA drops it.
+    return _conv_input_gradient(kernel, dz), _kernel_gradient(x, dz)
 
 
 @jax.custom_vjp

@@ -103,30 +103,29 @@ def train_step(state: TrainState, batch: Batch, label_smoothing: float = 0.0) ->
     return state, metrics
 
 
-def multi_step(step_fn: Callable) -> Callable:
-    """`step_fn` over batches stacked along a leading axis, unrolled into one program.
+def multi_step(step_fn: Callable, unroll: bool = False) -> Callable:
+    """`step_fn` over batches stacked along a leading axis, as one `lax.scan` in one program
+    (`unroll`: with the steps written out one after the other, see `ops.steps_need_unrolling`).
 
     A step runs only if its batch has a real example (batches.epoch_batches pads an epoch's
     last call with empty ones) and no step before it in the call, itself included, had a
     non-finite loss; otherwise the state passes through untouched. So the state that comes
     back is always the last good one, and each step's metrics come back stacked.
     """
-    # Jitted, so that it is traced and lowered once and called four times: XLA inlines the
-    # calls, and the epoch's checkpoint is byte for byte the same as with four traced copies,
-    # while a warm start traces the call in a third of the time (docs/performance.md).
-    one_step = jax.jit(step_fn)
+    # A scan compiles the step once, whatever the number of steps per call: unrolled copies
+    # made a first run compile each of them (docs/performance.md).
+    def body(carry, batch: Batch):
+        state, finite = carry
+        new_state, metrics = step_fn(state, batch)
+        finite = finite & jnp.isfinite(metrics["loss_sum"])
+        keep = finite & jnp.any(batch.mask)
+        # A select per value, which XLA fuses into the optimiser's update.
+        state = jax.tree.map(lambda new, old: jnp.where(keep, new, old), new_state, state)
+        return (state, finite), metrics
 
     def steps(state: TrainState, batches: Batch) -> tuple[TrainState, dict]:
-        per_step, finite = [], jnp.bool_(True)
-        for i in range(batches.mask.shape[0]):
-            batch = jax.tree.map(lambda x: x[i], batches)
-            new_state, metrics = one_step(state, batch)
-            finite = finite & jnp.isfinite(metrics["loss_sum"])
-            keep = finite & jnp.any(batch.mask)
-            # A select per value, which XLA fuses into the optimiser's update.
-            state = jax.tree.map(lambda new, old: jnp.where(keep, new, old), new_state, state)
-            per_step.append(metrics)
-        return state, jax.tree.map(lambda *m: jnp.stack(m), *per_step)
+        (state, _), metrics = jax.lax.scan(body, (state, jnp.bool_(True)), batches, unroll=unroll)
+        return state, metrics
 
     return steps
 
@@ -136,7 +135,8 @@ def make_train_steps(config: Config) -> Callable[[TrainState, Batch], tuple[Trai
 
     Not donated: the loop keeps the state from before each call.
     """
-    return jax.jit(multi_step(functools.partial(train_step, label_smoothing=config.label_smoothing)))
+    unroll = ops.steps_need_unrolling(ops.use_fused(config.ops))
+    return jax.jit(multi_step(functools.partial(train_step, label_smoothing=config.label_smoothing), unroll))
 
 
 def model_variables(state: TrainState) -> dict:

@@ -8,6 +8,8 @@ other side of a ReLU in one of them. That moves a gradient by one element's shar
 allows it, while the forward pass, which is continuous, is held tight.
 """
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -137,6 +139,21 @@ def test_the_form_is_chosen_by_backend_and_overridable():
         ops.use_fused("fast")
     assert step.model_for(config_lib.resolve(ops="plain")) == CNN(fused=False)
     assert step.model_for(config_lib.resolve(ops="fused")) == CNN(fused=True)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a fact of XLA:CPU")
+@pytest.mark.parametrize("form", ["fused", "plain"])
+def test_every_convolution_of_the_training_call_is_in_eigens_layout(form):
+    """XLA:CPU runs a convolution through Eigen only in its NHWC/HWIO layout, and puts one into
+    that layout only outside loops: in the scan of steps, one in another layout runs ten times
+    slower. The fused form's are all in it (ops._lax_conv); the plain form's steps are unrolled."""
+    config = config_lib.resolve(ops=form, batch_size=8, steps_per_call=2)
+    state = step.create_train_state(config)
+    group = Batch(np.zeros((2, 8, 28, 28, 1), np.uint8), np.zeros((2, 8), np.int32), np.ones((2, 8), bool))
+    program = step.make_train_steps(config).lower(state, group).compile().as_text()
+    layouts = re.findall(r"= \S+ convolution\(.*?dim_labels=([^,\s]+)", program)
+    assert len(layouts) >= 5 and set(layouts) == {"b01f_01io->b01f"}, layouts
+    assert (" while(" in program) == (form == "fused")  # a scan, unless unrolled
 
 
 def test_the_train_state_applies_the_module(initial):
