@@ -13,7 +13,7 @@ equal, exactly in float64 and tightly in float32. Why each looks the way it does
   negative), so the full-size activation is never written. Each window's gradient goes to
   its first maximum, as nn.max_pool's select_and_scatter and PyTorch send it.
 * The convolution is one `jax.custom_vjp` that picks, per product, the form XLA:CPU runs
-  fastest: a single input channel as shifted multiply-adds (one fused pass), input
+  fastest: a single input channel as shifted multiply-adds (one fused pass), small input
   gradients as per-tap matrix products, everything else as `lax.conv_general_dilated` in
   the one layout XLA:CPU hands to Eigen inside a loop too (`_lax_conv`).
 
@@ -108,7 +108,13 @@ def _computed_once(fn, *args) -> jax.Array:
     return lax.cond((first == first) | (first != first), fn, lambda *_: jnp.zeros(out.shape, out.dtype), *args)
 
 
-def _lax_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+# From this many output positions on (conv2's 24x24, not conv4's 10x10), an input gradient is
+# one Eigen convolution rather than per-tap products: on two cores it is the faster of the two
+# there, and it splits over more cores better (docs/performance.md).
+EIGEN_INPUT_GRADIENT_POSITIONS = 16 * 16
+
+
+def _lax_conv(x: jax.Array, kernel: jax.Array, padding: str | tuple = "VALID") -> jax.Array:
     """The one convolution XLA:CPU is given: NHWC by HWIO, the layout it hands to Eigen.
 
     XLA:CPU rewrites a convolution in another layout (autodiff's transposed ones) into this
@@ -116,7 +122,7 @@ def _lax_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     the scan of step.multi_step, it runs in XLA's own loop nest, about ten times slower. So
     every product below is one of these, or matrix products.
     """
-    return lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def _single_channel_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -127,8 +133,13 @@ def _single_channel_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def _conv_input_gradient(kernel: jax.Array, dz: jax.Array) -> jax.Array:
-    """d(conv)/dx as a sum of per-tap matrix products, each shifted into place by padding."""
+    """d(conv)/dx. Over a large activation: the "full" convolution of dz with the flipped kernel,
+    one Eigen convolution, which splits over the cores. Over small ones: a sum of per-tap
+    matrix products, each shifted into place by padding, which costs less to start."""
     kh, kw = kernel.shape[:2]
+    if dz.shape[1] * dz.shape[2] >= EIGEN_INPUT_GRADIENT_POSITIONS:
+        flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)  # HWIO with I and O swapped
+        return _lax_conv(dz, flipped, ((kh - 1, kh - 1), (kw - 1, kw - 1)))
     return sum(jnp.pad(jnp.einsum("nhwo,io->nhwi", dz, kernel[i, j]),
                        ((0, 0), (i, kh - 1 - i), (j, kw - 1 - j), (0, 0)))
                for i in range(kh) for j in range(kw))
