@@ -175,15 +175,18 @@ def test_every_command_keeps_xla_temporaries_mapped():
     # afresh on every call; glibc would map them anew each time, page-faulting every page in again
     # (docs/performance.md). Every command runs through cli.run_main, which keeps them mapped.
     untuned = page_faults_per_call("plain")
-    if min(untuned.values()) < 5_000:
-        pytest.skip(f"this jaxlib's calls page-fault only {untuned} times untuned: nothing to show")
+    # A block under glibc's largest dynamic mmap threshold (32 MiB) is served from the heap once
+    # the threshold has risen past it, untuned too: such a call has nothing to show.
+    untuned = {call: faults for call, faults in untuned.items() if faults >= 5_000}
+    if not untuned:
+        pytest.skip("this jaxlib's calls page-fault fewer than 5,000 times each untuned: nothing to show")
     # Often under 100, but some processes still fault thousands of times a call (other allocations
     # churn, not the block: up to 40% of the untuned count for the evaluation batch, seen here), more
     # often on a loaded machine. So the bound is relative to the untuned count, and a second
     # process is measured when the first churned.
     tuned = page_faults_per_call("command")
-    if any(tuned[call] >= untuned[call] / 2 for call in tuned):
+    if any(tuned[call] >= untuned[call] / 2 for call in untuned):
         again = page_faults_per_call("command")
         tuned = {call: min(tuned[call], again[call]) for call in tuned}
-    for call in tuned:
+    for call in untuned:
         assert tuned[call] < untuned[call] / 2, f"{call}: {tuned[call]} page faults per call under cli.run_main"
