@@ -6,6 +6,7 @@ Prerequisites that are missing (MNIST, torch, the onnx and serve extras) skip th
 them when $CI is set, so CI cannot pass by skipping.
 """
 
+import ast
 import atexit
 import collections
 import contextlib
@@ -145,11 +146,35 @@ def only_one_worker(directory: Path):
 
 
 @pytest.fixture(scope="session")
-def mnist_data_dir(mnist_manual_dir, tmp_path_factory) -> Path:
-    """A temporary TFDS data dir with the real MNIST prepared in it, once per session."""
-    data_dir = session_dir(tmp_path_factory, "tfds_data")  # data.py's own lock serialises the prepare
-    data.load_mnist(data_dir=str(data_dir), manual_dir=str(mnist_manual_dir))
+def mnist_data_dir(mnist_manual_dir) -> Path:
+    """A TFDS data dir with the real MNIST prepared in it, kept between sessions.
+
+    Preparing it takes about 5 s of one core, and at a session's start every xdist worker waits
+    for it. A kept one is used in place, under a digest of the code that writes its files
+    (prepared_data_key): data.py's lock serialises a prepare, TFDS publishes a split only once it
+    is whole, and decoded.py uses its arrays only while their sha256 matches. The tests only read
+    it; those about preparing use data dirs of their own.
+    """
+    data_dir = KEPT_DATA / prepared_data_key()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    os.utime(data_dir)  # the digests in use are the ones kept longest
+    prepare_or_repair(data_dir, lambda: data.load_mnist(data_dir=str(data_dir), manual_dir=str(mnist_manual_dir)))
+    drop_all_but_newest(KEPT_DATA, KEEP_DATA_AT_MOST)
     return data_dir
+
+
+def prepare_or_repair(data_dir: Path, load) -> None:
+    """Runs `load()`, which prepares MNIST in `data_dir` or reads it back; if that fails, empties
+    `data_dir` and runs it once more, so that a damaged entry (a file removed or cut short, which
+    TFDS reports as it reads) is prepared again. A fault of data.py fails the second time too."""
+    try:
+        load()
+    except Exception:
+        with only_one_worker(data_dir):
+            for entry in data_dir.iterdir():
+                if entry.name != ".lock":
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            load()
 
 
 @pytest.fixture(scope="session")
@@ -209,6 +234,38 @@ KEPT_CHECKPOINTS = Path(TEST_CACHE_DIR) / "trained-checkpoints"
 KEEP_AT_MOST = 4  # digests kept: a few checkouts (a worktree, a branch) can share the cache
 
 
+KEPT_DATA = Path(TEST_CACHE_DIR) / "prepared-mnist"
+KEEP_DATA_AT_MOST = 2  # each is 74 MiB
+
+
+def prepared_data_key(root: Path = REPO) -> str:
+    """A digest of what the prepared MNIST's files depend on: data.py and the package modules it
+    imports, and the libraries that write them. MNIST needs no entry: data.py verifies the IDX
+    files' sha256 before preparing."""
+    digest = hashlib.sha256()
+    for path in package_modules_imported_by(root / "mnist_flax" / "data.py"):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    for dist in ("tensorflow-datasets", "array-record", "numpy"):
+        digest.update(f"{dist}=={importlib.metadata.version(dist)}\0".encode())
+    return digest.hexdigest()[:24]
+
+
+def package_modules_imported_by(module: Path) -> list[Path]:
+    """`module` and the modules of its package that it imports, directly or not (`from mnist_flax
+    import x` and `from mnist_flax.x import y`), sorted."""
+    package, found, todo = module.parent, set(), [module]
+    while todo:
+        path = todo.pop()
+        if path in found:
+            continue
+        found.add(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == package.name:
+                names = node.module.split(".")[1:2] or [alias.name for alias in node.names]
+                todo += [package / f"{name}.py" for name in names if (package / f"{name}.py").is_file()]
+    return sorted(found)
+
+
 def trained_checkpoint_key(root: Path = REPO) -> str:
     """A digest of what the session's checkpoint depends on: the package's code, this file
     (TRAIN_STEPS, train_checkpoint), the libraries that compute it, the XLA flags and the CPU.
@@ -257,10 +314,16 @@ def keep_checkpoint(path: Path, kept: Path) -> None:
         staging.rename(kept)  # atomic; fails if another session published it first
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
-    entries = sorted(kept.parent.iterdir(), key=modified, reverse=True)
-    stale = [p for p in entries if not p.name.startswith(".")][KEEP_AT_MOST:]
+    drop_all_but_newest(kept.parent, KEEP_AT_MOST)
+
+
+def drop_all_but_newest(directory: Path, keep: int) -> None:
+    """Removes all but the `keep` most recently used entries of `directory`, and staging
+    directories that a session killed while publishing left behind an hour ago or more."""
+    entries = sorted(directory.iterdir(), key=modified, reverse=True)
+    stale = [p for p in entries if not p.name.startswith(".")][keep:]
     stale += [p for p in entries if p.name.startswith(".staging-") and time.time() - modified(p) > 3600]
-    for p in stale:  # the second: left by a session killed while publishing
+    for p in stale:
         shutil.rmtree(p, ignore_errors=True)
 
 

@@ -1,13 +1,16 @@
-"""The session's trained checkpoint, kept between sessions (conftest.py): used only while
-everything that decides its bits is unchanged, and only when it loads."""
+"""What conftest.py keeps between sessions: the trained checkpoint, used only while everything
+that decides its bits is unchanged and only when it loads; and the prepared MNIST, used only
+while the code that writes it is unchanged."""
 
 import os
 import shutil
 import time
 
+import pytest
+
 import conftest
 from conftest import REPO
-from mnist_flax import checkpoint, sidecar
+from mnist_flax import checkpoint, data, sidecar
 
 
 def copy_of_the_sources(root):
@@ -68,3 +71,54 @@ def test_publishing_keeps_the_newest_digests_and_sweeps_abandoned_staging(traine
     assert {p.name: p.stat().st_mtime_ns for p in last.iterdir()} == before
     names = sorted(p.name for p in kept.iterdir())
     assert names == [f"digest-{i}" for i in range(2, conftest.KEEP_AT_MOST + 2)]
+
+
+def test_the_prepared_data_key_changes_with_the_code_that_writes_it(tmp_path):
+    root = copy_of_the_sources(tmp_path)
+    assert conftest.prepared_data_key(root) == conftest.prepared_data_key(REPO)
+    for name in ("model.py", "train.py"):  # training code does not touch the prepared files
+        (root / "mnist_flax" / name).write_text("# edited\n")
+    assert conftest.prepared_data_key(root) == conftest.prepared_data_key(REPO)
+    keys = set()
+    for name in ("data.py", "decoded.py", "atomic.py"):  # data.py, and what it imports, directly or not
+        path = root / "mnist_flax" / name
+        path.write_text(path.read_text() + "\n# edited\n")
+        keys.add(conftest.prepared_data_key(root))
+    assert len(keys) == 3 and conftest.prepared_data_key(REPO) not in keys
+
+
+def test_the_session_data_dir_is_the_kept_one_and_holds_mnist(mnist_data_dir, mnist_manual_dir):
+    assert mnist_data_dir == conftest.KEPT_DATA / conftest.prepared_data_key()
+    arrays = data.load_mnist(data_dir=str(mnist_data_dir), manual_dir=str(mnist_manual_dir))
+    assert arrays.train_images.shape == (60_000, 28, 28, 1) and arrays.test_labels.shape == (10_000,)
+
+
+def test_only_the_newest_kept_data_dirs_stay(tmp_path):
+    for i in range(conftest.KEEP_DATA_AT_MOST + 2):
+        (tmp_path / f"digest-{i}").mkdir()
+        os.utime(tmp_path / f"digest-{i}", (1_000_000 + i,) * 2)
+    conftest.drop_all_but_newest(tmp_path, conftest.KEEP_DATA_AT_MOST)
+    assert sorted(p.name for p in tmp_path.iterdir()) == \
+        [f"digest-{i}" for i in range(2, conftest.KEEP_DATA_AT_MOST + 2)]
+
+
+def test_a_kept_data_dir_that_fails_to_load_is_emptied_and_prepared_again(tmp_path):
+    """A real one cut short fails in TFDS's reader ("ArrayRecord file should be at least 64KB big")."""
+    (tmp_path / "mnist_idx").mkdir()
+    (tmp_path / "mnist_idx" / "damaged.array_record").write_bytes(b"cut short")
+    (tmp_path / "dataset_info.json").write_text("{}")
+    seen = []
+
+    def load():
+        seen.append(sorted(p.name for p in tmp_path.iterdir() if p.name != ".lock"))
+        if len(seen) == 1:
+            raise RuntimeError("ArrayRecord file should be at least 64KB big")
+    conftest.prepare_or_repair(tmp_path, load)
+    assert seen == [["dataset_info.json", "mnist_idx"], []]
+
+    def broken():
+        raise RuntimeError("a fault of data.py")
+    with pytest.raises(RuntimeError, match="a fault of data.py"):
+        conftest.prepare_or_repair(tmp_path, broken)
+    conftest.prepare_or_repair(tmp_path, lambda: seen.append("read"))  # loads: nothing is removed
+    assert seen[-1] == "read"
