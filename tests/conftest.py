@@ -231,7 +231,7 @@ def trained_checkpoint(mnist_arrays, test_set, tmp_path_factory) -> Path:
 # Inside the tests' compilation cache, so that CI's cache of it keeps these too; JAX's size
 # bound only counts and evicts the files at the top of that directory.
 KEPT_CHECKPOINTS = Path(TEST_CACHE_DIR) / "trained-checkpoints"
-KEEP_AT_MOST = 4  # digests kept: a few checkouts (a worktree, a branch) can share the cache
+KEEP_AT_MOST = 8  # digests kept: a few checkouts (a worktree, a branch) can share the cache
 
 
 KEPT_DATA = Path(TEST_CACHE_DIR) / "prepared-mnist"
@@ -266,11 +266,12 @@ def package_modules_imported_by(module: Path) -> list[Path]:
     return sorted(found)
 
 
-def trained_checkpoint_key(root: Path = REPO) -> str:
+def trained_checkpoint_key(root: Path = REPO, *run: str) -> str:
     """A digest of what the session's checkpoint depends on: the package's code, this file
     (TRAIN_STEPS, train_checkpoint), the libraries that compute it, the XLA flags and the CPU.
-    MNIST needs no entry: data.py verifies the IDX files' sha256."""
-    digest = hashlib.sha256()
+    MNIST needs no entry: data.py verifies the IDX files' sha256. `run`: what else decides the
+    bits of another kept checkpoint, such as a command's flags."""
+    digest = hashlib.sha256("\0".join(run).encode())
     for path in sorted((root / "mnist_flax").rglob("*.py")) + [root / "tests" / "conftest.py"]:
         digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     for dist in ("jax", "jaxlib", "flax", "optax", "numpy"):
@@ -280,12 +281,16 @@ def trained_checkpoint_key(root: Path = REPO) -> str:
 
 
 def cpu_description() -> str:
-    """The first CPU's model and feature flags (Linux), which decide the kernels XLA emits."""
+    """The first CPU's model and feature flags (Linux), which decide the kernels XLA emits, and
+    how many cores this process may use: XLA splits a convolution among them, and one core or
+    two gave checkpoints that differ in their last bits."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
     except OSError:
-        return platform.processor()
-    return "\n".join(line for line in cpuinfo.splitlines() if line.startswith(("model name", "flags")))
+        return f"{platform.processor()}\ncores: {cores}"
+    return "\n".join([line for line in cpuinfo.splitlines() if line.startswith(("model name", "flags"))]
+                     + [f"cores: {cores}"])
 
 
 def copy_valid_checkpoint(kept: Path, directory: Path) -> bool:

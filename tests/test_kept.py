@@ -33,6 +33,13 @@ def test_the_key_changes_with_the_code_and_the_flags(tmp_path, monkeypatch):
     before = conftest.trained_checkpoint_key(REPO)
     monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_fast_math=true")
     assert conftest.trained_checkpoint_key(REPO) != before
+    monkeypatch.delenv("XLA_FLAGS")
+    before = conftest.trained_checkpoint_key(REPO)
+    assert conftest.trained_checkpoint_key(REPO, "--train-examples", "10240") != before  # another run's flags
+    if hasattr(os, "sched_getaffinity"):  # the cores XLA may split a convolution among
+        cores = len(os.sched_getaffinity(0))
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores + 1)))
+        assert conftest.trained_checkpoint_key(REPO) != before
 
 
 def test_a_kept_checkpoint_is_used_only_while_it_loads(trained_checkpoint, tmp_path):

@@ -56,10 +56,13 @@ def to_float64(state):
     return jax.tree.map(lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
 
 
+# One function for every test: jit reuses a trace only for the same function object.
+GRAD_FN = jax.jit(jax.value_and_grad(step.loss_and_updates, has_aux=True))
+
+
 def gradients(state, apply_fn, batch):
     state = state.replace(apply_fn=apply_fn)
-    grad_fn = jax.jit(jax.value_and_grad(step.loss_and_updates, has_aux=True))
-    (loss, (logits, stats)), grads = grad_fn(state.params, state, batch)
+    (loss, (logits, stats)), grads = GRAD_FN(state.params, state, batch)
     return loss, logits, stats, grads
 
 
