@@ -168,13 +168,18 @@ def prepare_or_repair(data_dir: Path, load) -> None:
     `data_dir` and runs it once more, so that a damaged entry (a file removed or cut short, which
     TFDS reports as it reads) is prepared again. A fault of data.py fails the second time too."""
     try:
-        load()
+        return load()
     except Exception:
-        with only_one_worker(data_dir):
-            for entry in data_dir.iterdir():
-                if entry.name != ".lock":
-                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-            load()
+        pass
+    with only_one_worker(data_dir):
+        try:
+            return load()  # another worker has prepared it again meanwhile
+        except Exception:
+            pass
+        for entry in data_dir.iterdir():
+            if entry.name != ".lock":
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        load()
 
 
 @pytest.fixture(scope="session")

@@ -116,16 +116,20 @@ def test_a_kept_data_dir_that_fails_to_load_is_emptied_and_prepared_again(tmp_pa
     (tmp_path / "dataset_info.json").write_text("{}")
     seen = []
 
-    def load():
+    def load(fails: int):
         seen.append(sorted(p.name for p in tmp_path.iterdir() if p.name != ".lock"))
-        if len(seen) == 1:
+        if len(seen) <= fails:
             raise RuntimeError("ArrayRecord file should be at least 64KB big")
-    conftest.prepare_or_repair(tmp_path, load)
-    assert seen == [["dataset_info.json", "mnist_idx"], []]
+    conftest.prepare_or_repair(tmp_path, lambda: load(fails=1))  # repaired by another worker meanwhile
+    assert seen == [["dataset_info.json", "mnist_idx"]] * 2
+    seen.clear()
+    conftest.prepare_or_repair(tmp_path, lambda: load(fails=2))
+    assert seen == [["dataset_info.json", "mnist_idx"]] * 2 + [[]]
 
     def broken():
         raise RuntimeError("a fault of data.py")
     with pytest.raises(RuntimeError, match="a fault of data.py"):
         conftest.prepare_or_repair(tmp_path, broken)
+    (tmp_path / "dataset_info.json").write_text("{}")
     conftest.prepare_or_repair(tmp_path, lambda: seen.append("read"))  # loads: nothing is removed
-    assert seen[-1] == "read"
+    assert seen[-1] == "read" and (tmp_path / "dataset_info.json").is_file()
