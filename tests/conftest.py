@@ -168,12 +168,14 @@ def prepare_or_repair(data_dir: Path, load) -> None:
     `data_dir` and runs it once more, so that a damaged entry (a file removed or cut short, which
     TFDS reports as it reads) is prepared again. A fault of data.py fails the second time too."""
     try:
-        return load()
+        load()
+        return
     except Exception:
         pass
     with only_one_worker(data_dir):
         try:
-            return load()  # another worker has prepared it again meanwhile
+            load()  # another worker has prepared it again meanwhile
+            return
         except Exception:
             pass
         for entry in data_dir.iterdir():
@@ -237,7 +239,6 @@ def trained_checkpoint(mnist_arrays, test_set, tmp_path_factory) -> Path:
 # bound only counts and evicts the files at the top of that directory.
 KEPT_CHECKPOINTS = Path(TEST_CACHE_DIR) / "trained-checkpoints"
 KEEP_AT_MOST = 8  # digests kept: a few checkouts (a worktree, a branch) can share the cache
-
 
 KEPT_DATA = Path(TEST_CACHE_DIR) / "prepared-mnist"
 KEEP_DATA_AT_MOST = 2  # each is 74 MiB
