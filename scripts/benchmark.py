@@ -4,7 +4,7 @@
     python -m pytorch_original.train --steps 100      # the PyTorch original, same machine
 
 Times `--steps` steady-state training steps after warm-up and compilation, exactly as
-`python -m mnist_flax.train` runs them (train.batch_source's batches, step.make_train_steps'
+`python -m mnist_flax.train` runs them (training.batch_source's batches, step.make_train_steps'
 compiled calls, loop.run's metrics fetch and NaN check after each call), then the test-set
 evaluation. The timed window runs from the end of the call holding step `--warmup` to the
 end of the call holding `--warmup + --steps`; `timed_steps` is the number of steps in it.
@@ -50,7 +50,7 @@ def main() -> None:
     runtime.enable_compilation_cache()  # as the train command does (MNIST_FLAX_COMPILATION_CACHE=off: compile)
 
     import jax
-    from mnist_flax import loop, step, train
+    from mnist_flax import loop, step, training
     from mnist_flax.data import load_mnist
     from mnist_flax.model import count_params
 
@@ -65,7 +65,7 @@ def main() -> None:
 
     start = time.perf_counter()
     # The loop pauses after `steps` steps: exactly the training loop's own per-step work.
-    epoch_batches = train.batch_source(config, data.train_images, data.train_labels, runtime.batch_sharder(mesh))
+    epoch_batches = training.batch_source(config, data.train_images, data.train_labels, runtime.batch_sharder(mesh))
     state, _, _ = loop.run(state, step.make_train_steps(config), epoch_batches, 1, on_step=on_step,
                            should_pause=lambda s, position: position.batch >= steps)
     compile_seconds = marks[1] - start  # the first call: compilation plus its steps

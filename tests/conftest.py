@@ -39,7 +39,7 @@ settings.register_profile("ci", derandomize=True, database=None)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
-from mnist_flax import checkpoint, cli, data, loop, runtime, sidecar, step, train
+from mnist_flax import checkpoint, cli, data, loop, runtime, sidecar, step, training
 from mnist_flax import config as config_lib
 from mnist_flax.errors import CheckpointError
 
@@ -350,7 +350,7 @@ def train_checkpoint(mnist_arrays, test_set, directory: Path) -> Path:
     images, labels = np.asarray(mnist_arrays.train_images), np.asarray(mnist_arrays.train_labels)
     config = config_lib.resolve()
     state = step.create_train_state(config)
-    state, _, _ = loop.run(state, step.make_train_steps(config), train.batch_source(config, images, labels), 1,
+    state, _, _ = loop.run(state, step.make_train_steps(config), training.batch_source(config, images, labels), 1,
                            should_pause=lambda s, position: position.batch >= TRAIN_STEPS)
     variables = step.model_variables(state)
     test = step.evaluate(variables, *test_set)

@@ -7,6 +7,7 @@ run as a real `python -m mnist_flax.<command>` from the repository root instead.
 """
 
 import importlib.util
+import os
 import subprocess
 import sys
 
@@ -87,3 +88,28 @@ def test_a_failed_first_run_leaves_no_output_directory(scene, tmp_path):
             "--data-dir", str(tmp_path / "tfds")]
     assert cli.run_main(error_table.importlib.import_module("mnist_flax.train").main, argv) == cli.EXIT_FAILURE
     assert not out.exists()
+
+
+# The commands whose --help and usage errors come before their heavy imports (JAX, flax, TFDS):
+# they answer in a tenth of a second instead of a second or more. The others' modules are also
+# libraries that import them at the top (docs/performance.md).
+ANSWERS_WITHOUT_JAX = {
+    "train": ["--batch-size", "0"],
+    "evaluate": [],  # no checkpoint given
+    "serve": ["anything", "--port", "99999"],
+    "artifact": ["OWNER/REPO", "--no-such-flag"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(ANSWERS_WITHOUT_JAX))
+def test_help_and_usage_errors_import_no_jax(tmp_path, command):
+    blocked = tmp_path / "blocked"
+    for package in ("jax", "flax", "tensorflow_datasets"):
+        (blocked / package).mkdir(parents=True)
+        (blocked / package / "__init__.py").write_text(f"raise ImportError('{package} imported')\n")
+    env = {**os.environ, "PYTHONPATH": f"{blocked}{os.pathsep}{REPO}"}
+    for argv, code in (["--help"], 0), (ANSWERS_WITHOUT_JAX[command], cli.EXIT_USAGE):
+        p = subprocess.run([sys.executable, "-m", f"mnist_flax.{command}", *argv], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == code, (argv, p.stderr[-2000:])
+        assert ("usage:" in p.stdout) if code == 0 else (p.stderr.startswith("mnist_flax: usage error: ")), p.stderr

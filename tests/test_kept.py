@@ -83,7 +83,7 @@ def test_publishing_keeps_the_newest_digests_and_sweeps_abandoned_staging(traine
 def test_the_prepared_data_key_changes_with_the_code_that_writes_it(tmp_path):
     root = copy_of_the_sources(tmp_path)
     assert conftest.prepared_data_key(root) == conftest.prepared_data_key(REPO)
-    for name in ("model.py", "train.py"):  # training code does not touch the prepared files
+    for name in ("model.py", "training.py"):  # training code does not touch the prepared files
         (root / "mnist_flax" / name).write_text("# edited\n")
     assert conftest.prepared_data_key(root) == conftest.prepared_data_key(REPO)
     keys = set()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import conftest
-from mnist_flax import resume, step, train
+from mnist_flax import resume, step, training
 from mnist_flax import config as config_lib
 from mnist_flax.errors import CheckpointError
 from mnist_flax.loop import Position
@@ -42,7 +42,7 @@ def run(cmd, timeout=300):
 def interrupt_at_random_step(cmd, sig, rng):
     """Starts training with its progress bar on and sends `sig` once the bar has passed a random
     step of the first half (step 0: as soon as training starts); returns the process result."""
-    at = rng.randrange(0, STEPS // 2, train.PROGRESS_EVERY)
+    at = rng.randrange(0, STEPS // 2, training.PROGRESS_EVERY)
     proc = subprocess.Popen([arg for arg in cmd if arg != "--no-progress"], cwd=REPO_ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     seen = b""

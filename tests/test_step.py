@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mnist_flax import batches, loop, optim, step, train
+from mnist_flax import batches, loop, optim, step, training
 from mnist_flax import config as config_lib
 from mnist_flax.batches import Batch
 from mnist_flax.model import ConvBNReLU, check_images, normalize
@@ -97,7 +97,7 @@ def test_train_epoch_on_tiny_data_is_reproducible(state):
     def run():
         metrics = {}
         config = config_lib.resolve(batch_size=8, seed=3)
-        final, _, _ = loop.run(state, step.make_train_steps(config), train.batch_source(config, batch.images,
+        final, _, _ = loop.run(state, step.make_train_steps(config), training.batch_source(config, batch.images,
                                batch.labels), 1, on_epoch_end=lambda epoch, m: metrics.update(m))
         return final, metrics
 
@@ -177,7 +177,7 @@ def test_steps_per_call_changes_no_bit_of_training():
         config = config_lib.resolve(batch_size=16, steps_per_call=steps_per_call)
         reports = []
         final, position, _ = loop.run(step.create_train_state(config), step.make_train_steps(config),
-                                      train.batch_source(config, batch.images, batch.labels), 1,
+                                      training.batch_source(config, batch.images, batch.labels), 1,
                                       on_step=lambda report: reports.append(report[1:3]))
         runs[steps_per_call] = (jax.tree.leaves(final), reports)  # the arrays: each run has its own optimiser object
     assert len(runs[1][1]) == 7
@@ -220,7 +220,7 @@ def test_nan_in_the_middle_of_a_call_falls_back_to_the_state_before_that_step():
         config = config_lib.resolve(learning_rate=1e30, batch_size=8, steps_per_call=steps_per_call, seed=3)
         state = step.create_train_state(config)
         with pytest.raises(loop.NonFiniteLoss) as caught:
-            loop.run(state, step.make_train_steps(config), train.batch_source(config, batch.images, batch.labels), 1)
+            loop.run(state, step.make_train_steps(config), training.batch_source(config, batch.images, batch.labels), 1)
         return caught.value
 
     grouped, single = blow_up(4), blow_up(1)
