@@ -91,11 +91,12 @@ def test_a_failed_first_run_leaves_no_output_directory(scene, tmp_path):
 
 
 # The commands whose --help and usage errors come before their heavy imports (JAX, flax, TFDS):
-# they answer in a tenth of a second instead of a second or more. The others' modules are also
-# libraries that import them at the top (docs/performance.md).
+# they answer in a twentieth of a second instead of a second or more. export, report and compare
+# still import checkpoint.py (and through it JAX and the model) at the top (docs/performance.md).
 ANSWERS_WITHOUT_JAX = {
     "train": ["--batch-size", "0"],
     "evaluate": [],  # no checkpoint given
+    "predict": ["checkpoint-only"],  # no image given
     "serve": ["anything", "--port", "99999"],
     "artifact": ["OWNER/REPO", "--no-such-flag"],
 }
