@@ -16,7 +16,7 @@ from mnist_flax.errors import CheckpointError
 SUFFIX = ".json"
 MAX_BYTES = 2**20
 
-# Every field a sidecar may hold, and what it means. train.py writes the run's; export.py's
+# Every field a sidecar may hold, and what it means. training.py writes the run's; export.py's
 # `--from-torch` writes the provenance ones. Readers treat every field but `sha256` as optional.
 FIELDS = {
     "file": "the checkpoint's file name",

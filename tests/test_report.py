@@ -23,7 +23,7 @@ ALL_PLOTS = {report.CURVES_FILE, report.CONFUSION_FILE, report.MISCLASSIFIED_FIL
 
 
 def sidecar_metadata() -> dict:
-    """A full sidecar, as train.run_metadata writes it, for a 98.54% model."""
+    """A full sidecar, as training.run_metadata writes it, for a 98.54% model."""
     rng = np.random.default_rng(0)
     confusion = np.diag(rng.integers(950, 1100, 10))
     for _ in range(146):  # sprinkle the mistakes off the diagonal
