@@ -7,6 +7,10 @@ stem (sidecar.py) with the run's metadata and the msgpack's sha256.
 unknown keys, so loading validates the raw tree against the model's own structure:
 same keys, shapes and dtypes, finite values, size within bounds. msgpack cannot
 execute code; nothing here unpickles.
+
+Finding and reading checkpoint files needs neither JAX nor the model, so those are imported
+in the functions that decode, encode and validate weights: `compare`, which only reads
+sidecars, runs without them.
 """
 
 import datetime as dt
@@ -14,14 +18,11 @@ import functools
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
-from flax import serialization
 
 from mnist_flax import sidecar
 from mnist_flax.atomic import atomic_write_bytes
 from mnist_flax.errors import CheckpointError
-from mnist_flax.model import init_variables
 
 SUFFIX = ".msgpack"
 GLOB = "mnist_flax_*" + SUFFIX
@@ -56,16 +57,25 @@ def find(path: str | Path) -> Path:
 
 
 def variables_to_bytes(variables: dict) -> bytes:
+    import jax
+    from flax import serialization
+
     return serialization.to_bytes(jax.device_get(variables))
 
 
 def model_template() -> dict:
     """The {'params', 'batch_stats'} structure of the model, as shapes and dtypes only (a fresh copy)."""
+    import jax
+
     return jax.tree.map(lambda leaf: leaf, _model_template())
 
 
 @functools.cache  # the abstract init traces the whole module (~0.4 s), and every load checks against it
 def _model_template() -> dict:
+    import jax
+
+    from mnist_flax.model import init_variables
+
     return jax.eval_shape(init_variables, jax.random.key(0))
 
 
@@ -75,6 +85,8 @@ def save_checkpoint(output_dir: str | Path, variables: dict, metadata: dict,
 
     `metadata` (sidecar fields) must hold `test_accuracy`; `created`, `file` and `sha256` are added.
     """
+    import jax
+
     created = created or dt.datetime.now(dt.timezone.utc)
     check_variables(jax.device_get(variables), model_template(), "the trained model")
     data = variables_to_bytes(variables)
@@ -117,6 +129,9 @@ def variables_from_bytes(data: bytes, source: str = "checkpoint") -> dict:
                 "`python -m mnist_flax.export --from-torch FILE -o OUT.msgpack`" if _is_safetensors(data) else
                 " (wrong file type?)")
         raise CheckpointError(f"{source}: not an mnist_flax msgpack checkpoint{hint}")
+    import jax
+    from flax import serialization
+
     try:
         raw = serialization.msgpack_restore(data)
     except Exception as e:  # msgpack raises many types on malformed input

@@ -207,6 +207,17 @@ def require_torch():
     return require("torch", "the CPU build, torch==2.13.*")
 
 
+@pytest.fixture
+def env_without_jax(tmp_path) -> dict[str, str]:
+    """The environment for a process of this repository in which jax, flax and tensorflow_datasets
+    fail to import: whatever it does without them, it does without loading them."""
+    blocked = tmp_path / "blocked-imports"
+    for package in ("jax", "flax", "tensorflow_datasets"):
+        (blocked / package).mkdir(parents=True)
+        (blocked / package / "__init__.py").write_text(f"raise ImportError('{package} imported')\n")
+    return {**os.environ, "PYTHONPATH": f"{blocked}{os.pathsep}{REPO}"}
+
+
 @pytest.fixture(scope="session")
 def test_set(mnist_arrays) -> tuple[np.ndarray, np.ndarray]:
     """The 10,000 real test images, uint8 (N, 28, 28, 1), and their labels."""

@@ -1,12 +1,15 @@
 """The CI comparison: this run's model beside the default branch's, downloaded from the (fake) GitHub API."""
 
 import io
+import subprocess
+import sys
 import zipfile
 
 import jax
 import numpy as np
 import pytest
 
+from conftest import REPO as REPO_ROOT
 from mnist_flax import artifact, checkpoint, compare, sidecar
 from mnist_flax.cli import run_main
 from mnist_flax.model import init_variables
@@ -93,3 +96,14 @@ def test_usage(tmp_path, capsys):
     assert sidecar.FIELDS  # the fields compared are documented sidecar fields
     assert {"test_accuracy", "per_class_test_accuracy", "params"} <= set(sidecar.FIELDS)
     assert np.isclose(compare.MAX_DROP, 0.5)
+
+
+def test_compare_reads_sidecars_without_loading_jax(tmp_path, env_without_jax):
+    """CI runs it after every training: it checks the files and their sidecars, and needs no model."""
+    for name, accuracy in (("run", 0.9861), ("main", 0.9854)):
+        (tmp_path / name).mkdir()
+        save_run(tmp_path / name, accuracy)
+    p = subprocess.run([sys.executable, "-m", "mnist_flax.compare", str(tmp_path / "run"), str(tmp_path / "main")],
+                       cwd=REPO_ROOT, env=env_without_jax, capture_output=True, text=True, timeout=60)
+    assert (p.returncode, p.stderr) == (0, ""), p.stderr[-2000:]
+    assert "| **test accuracy** | 98.61% | 98.54% | **+0.07 pp** |" in p.stdout
