@@ -20,7 +20,6 @@ import numpy as np
 from mnist_flax import checkpoint, cli, metrics_log, plots, sidecar
 from mnist_flax.config import NUM_CLASSES, NUM_TRAIN_EXAMPLES, num_batches
 from mnist_flax.errors import CheckpointError
-from mnist_flax.model import parameter_table
 from mnist_flax.plots import CONFUSION_FILE, CURVES_FILE, MISCLASSIFIED_FILE, PER_CLASS_FILE, PLOT_FILES
 
 
@@ -144,6 +143,8 @@ def markdown_summary(checkpoint_path: str | Path) -> str:
         ["created", record.get("created", "n/a")],
         ["sha256", f"`{record['sha256']}`" if "sha256" in record else "n/a"],
     ])
+
+    from mnist_flax.model import parameter_table  # flax: imported when a report is made, not for --help
 
     params = parameter_table(variables["params"])
     rows = [[name, "×".join(map(str, shape)), f"{count:,}"] for name, shape, count in params]

@@ -90,14 +90,15 @@ def test_a_failed_first_run_leaves_no_output_directory(scene, tmp_path):
 
 
 # The commands whose --help and usage errors come before their heavy imports (JAX, flax, TFDS):
-# they answer in a twentieth of a second instead of a second or more. export and report still
-# import the model at the top: their modules are also the libraries others call.
+# they answer in a twentieth of a second instead of a second or more. export still imports JAX
+# at the top: its module is also the library that the tests and the ONNX export call.
 ANSWERS_WITHOUT_JAX = {
     "train": ["--batch-size", "0"],
     "evaluate": [],  # no checkpoint given
     "predict": ["checkpoint-only"],  # no image given
     "serve": ["anything", "--port", "99999"],
     "compare": ["RUN_DIR"],  # neither a baseline nor --no-baseline
+    "report": [],  # no output directory given
     "artifact": ["OWNER/REPO", "--no-such-flag"],
 }
 
