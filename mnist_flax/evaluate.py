@@ -7,13 +7,13 @@ Given a directory (a training run's output, an unpacked CI artifact), its newest
 
 from collections.abc import Sequence
 
-from mnist_flax import cli, sidecar
+from mnist_flax import checkpoint, cli, sidecar
 
 
 def evaluate_checkpoint(path: str, data_dir: str | None = None, manual_dir: str | None = None) -> dict:
     """{'accuracy', 'correct', 'count', ...} of the checkpoint on the MNIST test set (step.evaluate)."""
     # JAX, flax and TFDS load here, not with the module: `--help` and a bad flag answer at once.
-    from mnist_flax import checkpoint, step
+    from mnist_flax import step
     from mnist_flax.data import load_mnist
 
     variables, _ = checkpoint.load_checkpoint(path)
@@ -29,8 +29,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--manual-dir", default=None, help="folder with the four MNIST IDX files")
     cli.add_debug_flag(p)
     args = p.parse_args(argv)
-    from mnist_flax import checkpoint  # after the flags: see evaluate_checkpoint
-
     path = checkpoint.find(args.checkpoint)
     metrics = evaluate_checkpoint(str(path), args.data_dir, args.manual_dir)
     record = sidecar.read(path) or {}

@@ -32,7 +32,7 @@ from typing import BinaryIO, NamedTuple
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mnist_flax import cli
+from mnist_flax import checkpoint, cli
 from mnist_flax.errors import ImageError
 
 FORMATS = ["PNG", "JPEG"]
@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.add_debug_flag(p)
     args = p.parse_args(argv)
     # Imported only now: JAX and the model take a second, which --help and a bad flag need not wait for.
-    from mnist_flax import checkpoint, step
+    from mnist_flax import step
 
     variables, _ = checkpoint.load_checkpoint(args.checkpoint)
     files, prepared, failures = [], [], 0

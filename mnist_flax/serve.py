@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from mnist_flax import cli
+from mnist_flax import checkpoint, cli
 from mnist_flax.errors import MnistFlaxError
 
 SERVE_EXTRA = "pip install 'mnist-flax[serve]'"
@@ -44,9 +44,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not 0 <= args.port <= 65535:
         raise cli.UsageError(f"--port {args.port} is not a port number (0-65535)")
-    # Imported only now: the server, JAX and the model take a second or more, which --help and a
-    # bad flag need not wait for.
-    from mnist_flax import checkpoint
     try:
         import uvicorn
 
