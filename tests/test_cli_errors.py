@@ -110,3 +110,9 @@ def test_help_and_usage_errors_import_no_jax(env_without_jax, command):
                            capture_output=True, text=True, timeout=60)
         assert p.returncode == code, (argv, p.stderr[-2000:])
         assert ("usage:" in p.stdout) if code == 0 else (p.stderr.startswith("mnist_flax: usage error: ")), p.stderr
+
+
+def test_a_file_that_is_no_checkpoint_is_refused_before_jax_loads(scene, env_without_jax):
+    p = subprocess.run([sys.executable, "-m", "mnist_flax.evaluate", str(scene.png)], cwd=REPO, env=env_without_jax,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == cli.EXIT_FAILURE and "not an mnist_flax msgpack checkpoint" in p.stderr, p.stderr[-2000:]
