@@ -90,7 +90,7 @@ def test_a_failed_first_run_leaves_no_output_directory(scene, tmp_path):
 
 
 # The commands whose --help and usage errors come before their heavy imports (JAX, flax, TFDS):
-# they answer in a twentieth of a second instead of a second or more. export still imports JAX
+# they answer in about a tenth of a second instead of a second or more. export still imports JAX
 # at the top: its module is also the library that the tests and the ONNX export call.
 ANSWERS_WITHOUT_JAX = {
     "train": ["--batch-size", "0"],
