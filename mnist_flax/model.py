@@ -103,8 +103,15 @@ torch_kernel_init = drawn_flat(nn.initializers.variance_scaling(1 / 3, "fan_in",
 
 
 def torch_bias_init(fan_in: int):
+    """Uniform in +-1/sqrt(fan_in), drawn in [-1, 1) and scaled, as variance_scaling draws kernels.
+
+    Not `uniform(key, shape, dtype, -bound, bound)`: that computes `u * 2 * bound - bound`,
+    whose last bit depends on whether XLA fuses the multiply and add, which its optimisation
+    level decides. `u * 2 - 1` is exact either way, so the init program gives the same numbers
+    however it is compiled (step.py compiles it unoptimised).
+    """
     bound = 1.0 / np.sqrt(fan_in)
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -1.0, 1.0) * bound
 
 
 class ConvBNReLU(nn.Module):

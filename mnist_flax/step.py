@@ -53,7 +53,16 @@ def create_train_state(config: Config, model: nn.Module | None = None) -> TrainS
     return _create_train_state(config, model or model_for(config))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+# Programs that run once per process over a few thousand numbers: their compile, not their run,
+# is what a first run waits for. Unoptimised and through XLA's older fusion emitters, the init
+# program (threefry rounds, most of a first run's start-up) compiles in 0.4 s instead of 1.0 s
+# and still runs in about a millisecond. Not for the step: it would compile faster but run
+# slower. The init is integer arithmetic and exact float steps, so its numbers do not depend on
+# these options (tests/test_step.py checks them against the process's default compile).
+RUN_ONCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), compiler_options=RUN_ONCE_COMPILER_OPTIONS)
 def _create_train_state(config: Config, model: nn.Module) -> TrainState:
     init_key, _, dropout_key = rng_streams(config.seed)
     variables = init_variables(init_key, model)

@@ -25,6 +25,15 @@ def state():
     return step.create_train_state(config_lib.resolve())
 
 
+def test_init_gives_the_same_numbers_however_it_is_compiled(state):
+    """The init program compiles unoptimised (step.RUN_ONCE_COMPILER_OPTIONS) for a faster first
+    run; compiled as every other program is, it gives the same bits."""
+    config = config_lib.resolve()
+    optimised = jax.jit(step._create_train_state.__wrapped__, static_argnums=(0, 1))(config, step.model_for(config))
+    for field in ("params", "batch_stats", "opt_state", "dropout_key", "step"):
+        chex.assert_trees_all_equal(getattr(state, field), getattr(optimised, field))
+
+
 def test_step_is_pure_and_bit_for_bit_deterministic(state):
     batch = fixed_batch()
     train_step = jax.jit(step.train_step)
