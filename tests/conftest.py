@@ -62,7 +62,31 @@ def tests_compilation_cache_dir() -> str:
     return path
 
 
+def restore_missing_access_times(cache_dir: str) -> int:
+    """Gives every cached program whose `-atime` file is missing the oldest access time, 0.
+
+    With a size bound JAX keeps each program as KEY-cache plus KEY-atime, written one after the
+    other; a process killed between the two (the suite kills processes) leaves a program without
+    its atime, and from then on jax 0.10's eviction pass raises on it before every write, so no
+    new program is cached: each test process compiles it again. This is the upstream fix's own
+    rule (jax-ml/jax#39883: a missing atime reads as 0, the first to go), applied once per process
+    until the lock file's jax has it. Returns how many it restored.
+    """
+    try:
+        names = set(os.listdir(cache_dir))
+    except FileNotFoundError:
+        return 0
+    missing = [n.removesuffix("-cache") for n in names
+               if n.endswith("-cache") and n.removesuffix("-cache") + "-atime" not in names]
+    for key in missing:
+        with contextlib.suppress(OSError):  # evicted meanwhile by another process
+            with open(os.path.join(cache_dir, key + "-atime"), "xb") as f:
+                f.write((0).to_bytes(8, "little"))
+    return len(missing)
+
+
 TEST_CACHE_DIR = tests_compilation_cache_dir()
+restore_missing_access_times(TEST_CACHE_DIR)
 os.environ[runtime.COMPILATION_CACHE_ENV] = TEST_CACHE_DIR
 os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(TEST_CACHE_MAX_BYTES)  # read by every JAX the tests start
 jax.config.update("jax_compilation_cache_max_size", TEST_CACHE_MAX_BYTES)

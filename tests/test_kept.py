@@ -133,3 +133,21 @@ def test_a_kept_data_dir_that_fails_to_load_is_emptied_and_prepared_again(tmp_pa
     (tmp_path / "dataset_info.json").write_text("{}")
     conftest.prepare_or_repair(tmp_path, lambda: seen.append("read"))  # loads: nothing is removed
     assert seen[-1] == "read" and (tmp_path / "dataset_info.json").is_file()
+
+
+def test_a_cached_program_without_its_access_time_no_longer_stops_the_cache(tmp_path):
+    """A process killed between writing a program and its atime file left jax 0.10's bounded
+    cache refusing every later write; conftest restores the atime, and the cache works again,
+    evicting that program first."""
+    from jax._src.lru_cache import LRUCache
+
+    cache = LRUCache(str(tmp_path), max_size=250)
+    cache.put("old", b"x" * 100)
+    cache.put("orphan", b"x" * 100)
+    (tmp_path / "orphan-atime").unlink()
+    with pytest.raises(FileNotFoundError):  # the jax bug; once jax has the fix, this helper can go
+        cache.put("new", b"x" * 100)
+    assert conftest.restore_missing_access_times(str(tmp_path)) == 1
+    assert conftest.restore_missing_access_times(str(tmp_path)) == 0
+    cache.put("new", b"x" * 100)
+    assert cache.get("new") and cache.get("old") and cache.get("orphan") is None
