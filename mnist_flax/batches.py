@@ -6,12 +6,14 @@ group boundary takes exactly the steps, in exactly the same slots of the compile
 that an uninterrupted one takes.
 """
 
+import functools
 from collections.abc import Iterator
 from typing import NamedTuple
 
 import jax
 import numpy as np
 
+from mnist_flax.cli import RUN_ONCE_COMPILER_OPTIONS
 from mnist_flax.config import num_batches
 
 
@@ -27,13 +29,20 @@ def epoch_order(key: jax.Array, epoch: int, num_examples: int, batch_size: int) 
     Every example is seen once. The last partial batch is padded (with index 0, masked
     out) rather than dropped, so every step has the same shape and compiles once.
     """
-    order = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), num_examples))
+    order = np.asarray(_permutation(key, epoch, num_examples))
     steps = num_batches(num_examples, batch_size)
     padded = np.zeros(steps * batch_size, np.int32)
     padded[:num_examples] = order
     mask = np.zeros(steps * batch_size, bool)
     mask[:num_examples] = True
     return padded.reshape(steps, batch_size), mask.reshape(steps, batch_size)
+
+
+@functools.partial(jax.jit, static_argnums=2, compiler_options=RUN_ONCE_COMPILER_OPTIONS)
+def _permutation(key: jax.Array, epoch: int, num_examples: int) -> jax.Array:
+    # One program, compiled for a quick start (cli.py); op by op, the fold-in and the shuffle are
+    # four programs. A permutation is integers, so the options do not change it.
+    return jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
 
 
 def epoch_batches(images: np.ndarray, labels: np.ndarray, key: jax.Array, epoch: int, *, batch_size: int,

@@ -76,7 +76,7 @@ def _model_template() -> dict:
 
     from mnist_flax.model import init_variables
 
-    return jax.eval_shape(init_variables, jax.random.key(0))
+    return jax.eval_shape(lambda: init_variables(jax.random.key(0)))  # the key too is only traced
 
 
 def save_checkpoint(output_dir: str | Path, variables: dict, metadata: dict,

@@ -27,6 +27,15 @@ CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution
                  "--xla_backend_optimization_level=2")
 
 
+# Programs that run once per process over a few thousand numbers (the init, the data order):
+# their compile, not their run, is what a first run waits for. Unoptimised and through XLA's
+# older fusion emitters, the init program (threefry rounds) compiles in 0.4 s instead of 1.0 s
+# and still runs in about a millisecond. Not for the step: it would compile faster but run
+# slower. These programs are integer arithmetic and exact float steps, so their numbers do not
+# depend on the options (tests/test_step.py compares them with the default compile).
+RUN_ONCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+
+
 def add_xla_flags() -> None:
     """Adds the project's XLA flags to $XLA_FLAGS unless it names them already.
 

@@ -207,7 +207,7 @@ def _layer_order(model: nn.Module | None) -> tuple[str, ...]:
         order.extend(variables["params"])
         return variables
 
-    jax.eval_shape(init, jax.random.key(0))
+    jax.eval_shape(lambda: init(jax.random.key(0)))  # the key too is only traced: nothing compiles
     return tuple(order)
 
 

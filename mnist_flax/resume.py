@@ -35,7 +35,7 @@ def resume_path(dir_or_file: str | Path) -> Path:
 
 
 def state_template(config: Config):
-    return jax.eval_shape(lambda: step.create_train_state(config))
+    return step.train_state_shapes(config)
 
 
 def save_resume_state(output_dir: str | Path, state: step.TrainState, position: Position, config: Config) -> Path:

@@ -17,6 +17,7 @@ import optax
 from flax.training import train_state
 
 from mnist_flax import ops, optim
+from mnist_flax.cli import RUN_ONCE_COMPILER_OPTIONS
 from mnist_flax.config import NUM_CLASSES, Config
 from mnist_flax.batches import Batch
 from mnist_flax.model import CNN, init_variables
@@ -38,6 +39,13 @@ def rng_streams(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     return init_key, data_key, jax.random.fold_in(root, 2)
 
 
+@functools.partial(jax.jit, compiler_options=RUN_ONCE_COMPILER_OPTIONS)
+def data_order_key(seed: int) -> jax.Array:
+    """rng_streams' data order key, as one program: op by op, its seed, split and fold-in are
+    five more programs for a first run to compile."""
+    return rng_streams(seed)[1]
+
+
 def model_for(config: Config) -> nn.Module:
     """The network a run trains: CNN in the form the config asks for."""
     return CNN(fused=ops.use_fused(config.ops))
@@ -53,13 +61,13 @@ def create_train_state(config: Config, model: nn.Module | None = None) -> TrainS
     return _create_train_state(config, model or model_for(config))
 
 
-# Programs that run once per process over a few thousand numbers: their compile, not their run,
-# is what a first run waits for. Unoptimised and through XLA's older fusion emitters, the init
-# program (threefry rounds, most of a first run's start-up) compiles in 0.4 s instead of 1.0 s
-# and still runs in about a millisecond. Not for the step: it would compile faster but run
-# slower. The init is integer arithmetic and exact float steps, so its numbers do not depend on
-# these options (tests/test_step.py checks them against the process's default compile).
-RUN_ONCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+def train_state_shapes(config: Config) -> TrainState:
+    """What `create_train_state` returns, as shapes and dtypes, computing nothing.
+
+    Through the jitted function's own `eval_shape`: a top-level jit with compiler options
+    may not be traced inside another transformation.
+    """
+    return _create_train_state.eval_shape(config, model_for(config))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), compiler_options=RUN_ONCE_COMPILER_OPTIONS)

@@ -77,7 +77,7 @@ def learning_rates(config: Config) -> np.ndarray:
 
 def batch_source(config: Config, images: np.ndarray, labels: np.ndarray, place=lambda b: b):
     """epoch_batches(epoch, start) for loop.run: the config's batches, placed on the devices."""
-    _, data_key, _ = step.rng_streams(config.seed)
+    data_key = step.data_order_key(config.seed)
 
     def epoch_batches(epoch: int, start: int):
         return map(place, batches.epoch_batches(images, labels, data_key, epoch, batch_size=config.batch_size,

@@ -25,13 +25,17 @@ def state():
     return step.create_train_state(config_lib.resolve())
 
 
-def test_init_gives_the_same_numbers_however_it_is_compiled(state):
-    """The init program compiles unoptimised (step.RUN_ONCE_COMPILER_OPTIONS) for a faster first
-    run; compiled as every other program is, it gives the same bits."""
+def test_the_run_once_programs_give_the_same_numbers_however_they_are_compiled(state):
+    """The init, the data order key and the permutation compile for a quick start
+    (cli.RUN_ONCE_COMPILER_OPTIONS); compiled as every other program is, they give the same bits."""
     config = config_lib.resolve()
     optimised = jax.jit(step._create_train_state.__wrapped__, static_argnums=(0, 1))(config, step.model_for(config))
     for field in ("params", "batch_stats", "opt_state", "dropout_key", "step"):
         chex.assert_trees_all_equal(getattr(state, field), getattr(optimised, field))
+    key = step.data_order_key(config.seed)
+    chex.assert_trees_all_equal(jax.random.key_data(key), jax.random.key_data(step.rng_streams(config.seed)[1]))
+    chex.assert_trees_all_equal(batches._permutation(key, 3, 60_000),
+                                jax.random.permutation(jax.random.fold_in(key, 3), 60_000))
 
 
 def test_step_is_pure_and_bit_for_bit_deterministic(state):
