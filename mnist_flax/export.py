@@ -34,19 +34,23 @@ import math
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import jax
 import numpy as np
 import safetensors
 import safetensors.numpy
 
-from mnist_flax import __version__, checkpoint, cli, sidecar, step
+from mnist_flax import __version__, checkpoint, cli, sidecar
 from mnist_flax import config as config_lib
 from mnist_flax.atomic import atomic_write_bytes
 from mnist_flax.config import IMAGE_SHAPE
 from mnist_flax.errors import CheckpointError, MnistFlaxError
-from mnist_flax.model import CNN, example_images, layer_order
+
+if TYPE_CHECKING:
+    import jax
+
+# JAX, flax and the model are imported where weights are converted or checked, as in
+# checkpoint.py: `--help`, a usage error and a file that is no weights file answer without them.
 
 FORMATS = {"safetensors": ".safetensors", "npz": ".npz", "onnx": ".onnx"}
 ONNX_EXTRA = "pip install 'mnist-flax[onnx]'"
@@ -71,6 +75,10 @@ LAYOUT_NOTE = ("PyTorch state_dict of OriginalNet (pytorch_original/model.py): c
 @functools.cache
 def fc_input_hwc() -> tuple[int, int, int]:
     """(H, W, C) of the activation the model flattens into its dense layer, from an abstract run."""
+    import jax
+
+    from mnist_flax.model import CNN, example_images
+
     _, state = jax.eval_shape(lambda v: CNN().apply(v, example_images(), train=False, mutable=["intermediates"]),
                               checkpoint.model_template())
     return tuple(state["intermediates"]["fc_input"][0].shape[1:])
@@ -102,6 +110,10 @@ def _weight_to_flax(weight: np.ndarray) -> np.ndarray:
 
 def flax_to_torch_state(variables: dict, num_batches_tracked: int = 0) -> dict[str, np.ndarray]:
     """{'params', 'batch_stats'} -> the original network's state_dict, as numpy arrays."""
+    import jax
+
+    from mnist_flax.model import layer_order
+
     params = jax.tree.map(np.asarray, variables["params"])
     stats = jax.tree.map(np.asarray, variables["batch_stats"])
     state = {}
@@ -120,6 +132,8 @@ def flax_to_torch_state(variables: dict, num_batches_tracked: int = 0) -> dict[s
 
 def torch_state_to_flax(state: dict[str, np.ndarray]) -> dict:
     """The inverse of flax_to_torch_state (num_batches_tracked is dropped). Assumes a checked state."""
+    from mnist_flax.model import layer_order
+
     params, stats = {}, {}
     template = checkpoint.model_template()
     for name in layer_order():
@@ -133,8 +147,10 @@ def torch_state_to_flax(state: dict[str, np.ndarray]) -> dict:
     return {"params": params, "batch_stats": stats}
 
 
-def torch_template() -> dict[str, jax.ShapeDtypeStruct]:
+def torch_template() -> "dict[str, jax.ShapeDtypeStruct]":
     """Key -> shape and dtype of the original state_dict, derived from the Flax model itself."""
+    import jax
+
     zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), checkpoint.model_template())
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flax_to_torch_state(zeros).items()}
 
@@ -311,7 +327,7 @@ def onnx_bytes(variables: dict, path: Path, record: dict | None) -> bytes:
     try:
         import onnxruntime
 
-        from mnist_flax import onnx_graph
+        from mnist_flax import onnx_graph, step
     except ImportError as e:
         raise MnistFlaxError(f"--format onnx needs the onnx extra ({e.name} is not installed): {ONNX_EXTRA}") from None
     metadata = {"layout": ONNX_LAYOUT_NOTE, "source_checkpoint": path.name,

@@ -98,6 +98,7 @@ ANSWERS_WITHOUT_JAX = {
     "predict": ["checkpoint-only"],  # no image given
     "serve": ["anything", "--port", "99999"],
     "compare": ["RUN_DIR"],  # neither a baseline nor --no-baseline
+    "export": [],  # neither a checkpoint nor --from-torch
     "report": [],  # no output directory given
     "artifact": ["OWNER/REPO", "--no-such-flag"],
 }
@@ -112,7 +113,12 @@ def test_help_and_usage_errors_import_no_jax(env_without_jax, command):
         assert ("usage:" in p.stdout) if code == 0 else (p.stderr.startswith("mnist_flax: usage error: ")), p.stderr
 
 
-def test_a_file_that_is_no_checkpoint_is_refused_before_jax_loads(scene, env_without_jax):
-    p = subprocess.run([sys.executable, "-m", "mnist_flax.evaluate", str(scene.png)], cwd=REPO, env=env_without_jax,
+@pytest.mark.parametrize("command, message", [
+    (["evaluate", "{png}"], "not an mnist_flax msgpack checkpoint"),
+    (["export", "--from-torch", "{png}", "-o", "{png}.msgpack"], "safetensors header length"),
+], ids=["evaluate", "export"])
+def test_a_file_that_is_no_checkpoint_is_refused_before_jax_loads(scene, env_without_jax, command, message):
+    argv = [arg.format(png=scene.png) for arg in command]
+    p = subprocess.run([sys.executable, "-m", f"mnist_flax.{argv[0]}", *argv[1:]], cwd=REPO, env=env_without_jax,
                        capture_output=True, text=True, timeout=60)
-    assert p.returncode == cli.EXIT_FAILURE and "not an mnist_flax msgpack checkpoint" in p.stderr, p.stderr[-2000:]
+    assert p.returncode == cli.EXIT_FAILURE and message in p.stderr, p.stderr[-2000:]
