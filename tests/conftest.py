@@ -70,7 +70,7 @@ def restore_missing_access_times(cache_dir: str) -> int:
     its atime, and from then on jax 0.10's eviction pass raises on it before every write, so no
     new program is cached: each test process compiles it again. This is the upstream fix's own
     rule (jax-ml/jax#39883: a missing atime reads as 0, the first to go), applied once per process
-    until the lock file's jax has it. Returns how many it restored.
+    until requirements/lock.txt pins a jax that has it. Returns how many it restored.
     """
     try:
         names = set(os.listdir(cache_dir))
