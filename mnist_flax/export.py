@@ -220,7 +220,15 @@ def read_weights_file(path: str | Path) -> WeightsFile:
     if data.startswith(b"PK"):  # npz is a zip; safetensors starts with its header length
         state, metadata = npz_from_bytes(data, str(path)), {}
     else:
-        state, metadata = safetensors_from_bytes(data, str(path))
+        try:
+            state, metadata = safetensors_from_bytes(data, str(path))
+        except CheckpointError:
+            if path.suffix.lower() != ".npz":
+                raise
+            # Said in the file's own terms: "too short for a safetensors file" would puzzle its owner.
+            raise CheckpointError(f"{path}: not an npz file: an npz is a zip archive and this file does not "
+                                  "start like one (nor is it safetensors); save the state_dict again with "
+                                  "numpy.savez, or export a checkpoint with --format npz") from None
     check_torch_state(state, str(path))
     return WeightsFile(state, metadata, sidecar.sha256_hex(data))
 

@@ -46,6 +46,7 @@ class Scene:
     safetensors: Path  # the checkpoint's weights exported for PyTorch
     png: Path
     text: Path
+    not_npz: Path  # a text file named .npz
     regular_file: Path  # a file where a directory is expected
 
 
@@ -133,6 +134,8 @@ CASES = [
     Case("export", "--format bogus", lambda s: [str(s.checkpoint), "--format", "bogus"], 2, "invalid choice"),
     Case("export", "--from-torch a PNG", lambda s: ["--from-torch", str(s.png), "-o", str(s.root / "x.msgpack")],
          1, "safetensors header length"),
+    Case("export", "--from-torch a text file named .npz",
+         lambda s: ["--from-torch", str(s.not_npz), "-o", str(s.root / "x.msgpack")], 1, "not an npz file"),
     Case("export", "--from-torch a missing file",
          lambda s: ["--from-torch", str(s.root / "nope.npz"), "-o", str(s.root / "x.msgpack")], 1, "no such file"),
     Case("export", "--from-torch without -o", lambda s: ["--from-torch", str(s.png)], 2, "needs -o"),
@@ -213,10 +216,12 @@ def make_scene(root: Path, mnist: Path, prepared_tfds: Path | None = None) -> Sc
     Image.new("L", (28, 28)).save(png)
     text = root / "notes.txt"
     text.write_text("this is not a checkpoint\n")
+    not_npz = root / "weights.npz"
+    not_npz.write_text("these are not weights\n")
     regular = root / "a-file"
     regular.write_text("x")
     return Scene(root, mnist, missing, corrupt, empty_tfds, prepared_tfds, ckpt, corrupt_ckpt, tampered, weights, png,
-                 text, regular)
+                 text, not_npz, regular)
 
 
 def _read_idx(mnist: Path, name: str) -> bytes:
