@@ -265,37 +265,78 @@ def safetensors_from_bytes(data: bytes, source: str) -> tuple[dict[str, np.ndarr
 
 
 def npz_from_bytes(data: bytes, source: str) -> dict[str, np.ndarray]:
+    """The arrays of an npz (a zip of .npy members, as numpy.savez writes it), without pickle.
+
+    Read in one pass: each member opened once, its header parsed once. Not np.load: it
+    allocates the shape a member's header declares before reading any data, so each size has
+    to be checked first, and its NpzFile opens every member three times. Members are named as
+    np.load names them (without ".npy"); one that is no .npy is its bytes, as np.load leaves
+    it, for check_torch_state to name.
+    """
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            unpacked = sum(info.file_size for info in zf.infolist())
-            # np.load allocates the shape an .npy header declares before reading any data.
-            declared = sum(_npy_nbytes(zf, info) for info in zf.infolist())
-        if max(unpacked, declared) > MAX_FILE_BYTES:  # a compressed npz can expand without bound
-            raise CheckpointError(f"{source}: npz unpacks to {max(unpacked, declared):,} bytes; "
-                                  "too large for the model's weights")
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            return {name: npz[name] for name in npz.files}
+            infos = zf.infolist()
+            refuse_if_too_large(sum(info.file_size for info in infos), source)  # compressed, it can expand without bound
+            state, declared = {}, 0
+            for info in infos:
+                with zf.open(info) as f:
+                    header = read_npy_header(f, info.filename)
+                    if header is None:
+                        f.seek(0)
+                        value = f.read()  # at most the size its zip entry declares, checked above
+                    else:
+                        declared += header.nbytes
+                        refuse_if_too_large(declared, source)  # before anything that large is allocated
+                        value = read_npy_data(f, header, info.filename)
+                state[info.filename.removesuffix(".npy")] = value
+            return state
     except CheckpointError:
         raise
-    except Exception as e:  # BadZipFile, ValueError (pickled object arrays), EOFError, ...
+    except Exception as e:  # BadZipFile, ValueError (object arrays, bad headers), EOFError, ...
         raise CheckpointError(f"{source}: unreadable npz ({type(e).__name__}: {e})"[:300]) from None
 
 
-def _npy_nbytes(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> int:
-    """The size an .npy member's header declares, read from the header alone.
+def refuse_if_too_large(nbytes: int, source: str) -> None:
+    if nbytes > MAX_FILE_BYTES:
+        raise CheckpointError(f"{source}: npz unpacks to {nbytes:,} bytes; too large for the model's weights")
 
-    np.load reads any member that starts with the .npy magic as an array, whatever its name.
-    """
+
+class NpyHeader(NamedTuple):
+    shape: tuple[int, ...]
+    fortran_order: bool
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def read_npy_header(f, name: str) -> NpyHeader | None:
+    """An .npy member's header (numpy's parser, versions 1.0 and 2.0), or None for another file."""
     fmt = np.lib.format
-    with zf.open(info) as f:
-        magic = f.read(len(fmt.MAGIC_PREFIX) + 2)
-        if not magic.startswith(fmt.MAGIC_PREFIX):
-            return 0  # np.load returns it as bytes, no more than the zip's own size check allows
-        version = tuple(magic[-2:])
-        if version not in ((1, 0), (2, 0)):
-            raise ValueError(f"{info.filename}: unsupported .npy format version {version}")
-        shape, _, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
-    return math.prod(shape) * dtype.itemsize
+    if f.read(len(fmt.MAGIC_PREFIX)) != fmt.MAGIC_PREFIX:
+        return None
+    version = tuple(f.read(2))
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f"{name}: unsupported .npy format version {version}")
+    header = NpyHeader(*(fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f))
+    if header.dtype.hasobject:
+        raise ValueError(f"{name}: Object arrays cannot be loaded when allow_pickle=False (they are pickles)")
+    return header
+
+
+def read_npy_data(f, header: NpyHeader, name: str) -> np.ndarray:
+    """The array whose data follows `header` in `f`, as np.load builds it (writable, its memory order)."""
+    if header.dtype.itemsize == 0:
+        array = np.empty(math.prod(header.shape), header.dtype)
+    else:
+        raw = np.empty(header.nbytes, np.uint8)
+        if f.readinto(raw) != raw.size:
+            raise EOFError(f"{name}: the data is shorter than its header declares")
+        array = raw.view(header.dtype)
+    if header.fortran_order:
+        return array.reshape(header.shape[::-1]).transpose()
+    return array.reshape(header.shape)
 
 
 def export_checkpoint(path: str | Path, fmt: str, output: str | Path | None = None) -> tuple[Path, int, str]:

@@ -7,6 +7,7 @@ real MNIST test set; they skip without torch or MNIST, except under $CI.
 import hashlib
 import io
 import json
+import zipfile
 from pathlib import Path
 
 import jax
@@ -151,6 +152,39 @@ def test_default_output_path_and_safetensors_metadata(tmp_path, capsys):
     assert meta["num_batches_tracked"].startswith("469 ")
     assert "OIHW" in meta["layout"] and meta["format"] == "pytorch_state_dict"
     assert int(safetensors.numpy.load_file(expected)["bn5.num_batches_tracked"]) == 469
+
+
+NPZ_DTYPES = ["<f4", ">f4", "<f8", "<i8", ">i2", "|u1", "|b1", "<c8", "<U3", "|S2", "|V0"]
+
+
+@settings(max_examples=80, deadline=None, derandomize=True, database=None)
+@given(st.dictionaries(st.text("abcxyz_", min_size=1, max_size=5),
+                       st.tuples(st.sampled_from(NPZ_DTYPES), st.lists(st.integers(0, 4), max_size=4),
+                                 st.booleans()), max_size=4),
+       st.booleans(), st.binary(max_size=40))
+def test_the_npz_reader_reads_what_np_load_reads(members, compressed, extra_bytes):
+    """The one-pass reader against numpy's own: names, dtypes (byte order too), shapes, memory
+    order and values of every member, and a member that is no .npy as its bytes."""
+    rng = np.random.default_rng(len(members))
+    arrays = {}
+    for name, (dtype, shape, fortran) in members.items():
+        raw = rng.integers(0, 256, int(np.prod(shape)) * np.dtype(dtype).itemsize, dtype=np.uint8)
+        array = raw.view(dtype).reshape(shape) if np.dtype(dtype).itemsize else np.zeros(shape, dtype)
+        arrays[name] = np.asfortranarray(array) if fortran else array
+    buffer = io.BytesIO()
+    (np.savez_compressed if compressed else np.savez)(buffer, **arrays)
+    with zipfile.ZipFile(buffer, "a") as zf:
+        zf.writestr("notes.txt", extra_bytes)
+    data = buffer.getvalue()
+    ours = export.npz_from_bytes(data, "weights.npz")
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        theirs = {name: npz[name] for name in npz.files}
+    assert list(ours) == list(theirs)
+    assert ours["notes.txt"] == theirs["notes.txt"] == extra_bytes
+    for name in arrays:
+        assert (ours[name].dtype, ours[name].shape) == (theirs[name].dtype, theirs[name].shape)
+        assert ours[name].flags.f_contiguous == theirs[name].flags.f_contiguous and ours[name].flags.writeable
+        assert ours[name].tobytes() == theirs[name].tobytes(), name  # bytes: NaN payloads too
 
 
 def test_npz_format_is_inferred_from_the_output_name_and_loads_without_pickle(tmp_path, capsys):
