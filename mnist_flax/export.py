@@ -276,18 +276,19 @@ def npz_from_bytes(data: bytes, source: str) -> dict[str, np.ndarray]:
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             infos = zf.infolist()
-            refuse_if_too_large(sum(info.file_size for info in infos), source)  # compressed, it can expand without bound
+            # Compressed, an npz can expand without bound: its entries' sizes first.
+            _refuse_if_too_large(sum(info.file_size for info in infos), source)
             state, declared = {}, 0
             for info in infos:
                 with zf.open(info) as f:
-                    header = read_npy_header(f, info.filename)
+                    header = _read_npy_header(f, info.filename)
                     if header is None:
                         f.seek(0)
                         value = f.read()  # at most the size its zip entry declares, checked above
                     else:
                         declared += header.nbytes
-                        refuse_if_too_large(declared, source)  # before anything that large is allocated
-                        value = read_npy_data(f, header, info.filename)
+                        _refuse_if_too_large(declared, source)  # before anything that large is allocated
+                        value = _read_npy_data(f, header, info.filename)
                 state[info.filename.removesuffix(".npy")] = value
             return state
     except CheckpointError:
@@ -296,12 +297,12 @@ def npz_from_bytes(data: bytes, source: str) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{source}: unreadable npz ({type(e).__name__}: {e})"[:300]) from None
 
 
-def refuse_if_too_large(nbytes: int, source: str) -> None:
+def _refuse_if_too_large(nbytes: int, source: str) -> None:
     if nbytes > MAX_FILE_BYTES:
         raise CheckpointError(f"{source}: npz unpacks to {nbytes:,} bytes; too large for the model's weights")
 
 
-class NpyHeader(NamedTuple):
+class _NpyHeader(NamedTuple):
     shape: tuple[int, ...]
     fortran_order: bool
     dtype: np.dtype
@@ -311,7 +312,7 @@ class NpyHeader(NamedTuple):
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-def read_npy_header(f, name: str) -> NpyHeader | None:
+def _read_npy_header(f, name: str) -> _NpyHeader | None:
     """An .npy member's header (numpy's parser, versions 1.0 and 2.0), or None for another file."""
     fmt = np.lib.format
     if f.read(len(fmt.MAGIC_PREFIX)) != fmt.MAGIC_PREFIX:
@@ -319,13 +320,13 @@ def read_npy_header(f, name: str) -> NpyHeader | None:
     version = tuple(f.read(2))
     if version not in ((1, 0), (2, 0)):
         raise ValueError(f"{name}: unsupported .npy format version {version}")
-    header = NpyHeader(*(fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f))
+    header = _NpyHeader(*(fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f))
     if header.dtype.hasobject:
         raise ValueError(f"{name}: Object arrays cannot be loaded when allow_pickle=False (they are pickles)")
     return header
 
 
-def read_npy_data(f, header: NpyHeader, name: str) -> np.ndarray:
+def _read_npy_data(f, header: _NpyHeader, name: str) -> np.ndarray:
     """The array whose data follows `header` in `f`, as np.load builds it (writable, its memory order)."""
     if header.dtype.itemsize == 0:
         array = np.empty(math.prod(header.shape), header.dtype)
