@@ -142,10 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON list instead of one line per file")
     cli.add_debug_flag(p)
     args = p.parse_args(argv)
-    # Imported only now: JAX and the model take a second, which --help and a bad flag need not wait for.
-    from mnist_flax import step
-
-    variables, _ = checkpoint.load_checkpoint(args.checkpoint)
+    variables, _ = checkpoint.load_checkpoint(args.checkpoint)  # a file that is no checkpoint: refused before JAX
     files, prepared, failures = [], [], 0
     for path in args.images:
         try:
@@ -158,6 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             failures += 1
     results = []
     if prepared:
+        # Imported only now: the model takes a second that --help, a bad flag, a file that is no
+        # checkpoint and images that are all unreadable need not wait for.
+        from mnist_flax import step
+
         images = np.stack([p.image for p in prepared])[..., None]
         probs = step.predict_probabilities(variables, images, batch_size=len(images))  # one pass
         for path, prep, row in zip(files, prepared, probs):

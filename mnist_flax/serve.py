@@ -44,6 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not 0 <= args.port <= 65535:
         raise cli.UsageError(f"--port {args.port} is not a port number (0-65535)")
+    start = time.perf_counter()
+    # The checkpoint first: a file that is no checkpoint is refused before JAX and the server load.
+    path = checkpoint.find(args.checkpoint)
+    variables, record = checkpoint.load_checkpoint(path)
     try:
         import uvicorn
 
@@ -51,9 +55,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as e:
         raise MnistFlaxError(f"mnist_flax.serve needs the serve extra ({e.name} is not installed): "
                              f"{SERVE_EXTRA}") from None
-    start = time.perf_counter()
-    path = checkpoint.find(args.checkpoint)
-    variables, record = checkpoint.load_checkpoint(path)
     sock = listen(args.host, args.port)  # before compiling: a busy port fails at once
     if args.host not in LOOPBACK:
         print(f"mnist_flax: warning: listening on {args.host} makes the page and API reachable from other "

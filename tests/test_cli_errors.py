@@ -116,7 +116,9 @@ def test_help_and_usage_errors_import_no_jax(env_without_jax, command):
 @pytest.mark.parametrize("command, message", [
     (["evaluate", "{png}"], "not an mnist_flax msgpack checkpoint"),
     (["export", "--from-torch", "{png}", "-o", "{png}.msgpack"], "safetensors header length"),
-], ids=["evaluate", "export"])
+    (["serve", "{png}", "--port", "0"], "not an mnist_flax msgpack checkpoint"),
+    (["predict", "{png}", "{png}"], "not an mnist_flax msgpack checkpoint"),
+], ids=["evaluate", "export", "serve", "predict"])
 def test_a_file_that_is_no_checkpoint_is_refused_before_jax_loads(scene, env_without_jax, command, message):
     argv = [arg.format(png=scene.png) for arg in command]
     p = subprocess.run([sys.executable, "-m", f"mnist_flax.{argv[0]}", *argv[1:]], cwd=REPO, env=env_without_jax,
