@@ -82,6 +82,7 @@ echo "run_workflow_locally: act finished in $(( $(date +%s) - start )) s with st
 zip=$(find "$artifact_dir" -name 'mnist-flax-model-acc*.zip' -newer "$home" | head -1)
 [ -n "$zip" ] || { echo "run_workflow_locally: no mnist-flax-model-acc*.zip under $artifact_dir" >&2; exit 1; }
 unpacked=$(mktemp -d)
+trap 'rm -rf "$home" "$unpacked"' EXIT
 python3 -m zipfile -e "$zip" "$unpacked"
 echo "run_workflow_locally: artifact $zip holds:"
 (cd "$unpacked" && ls -l)
