@@ -173,8 +173,8 @@ def test_the_npz_reader_reads_what_np_load_reads(members, compressed, extra_byte
         arrays[name] = np.asfortranarray(array) if fortran else array
     buffer = io.BytesIO()
     (np.savez_compressed if compressed else np.savez)(buffer, **arrays)
-    with zipfile.ZipFile(buffer, "a") as zf:
-        zf.writestr("notes.txt", extra_bytes)
+    with zipfile.ZipFile(buffer, "a", zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED) as zf:
+        zf.writestr("notes.txt", extra_bytes)  # read twice: its first bytes, then (after a seek) all of it
     data = buffer.getvalue()
     ours = export.npz_from_bytes(data, "weights.npz")
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
