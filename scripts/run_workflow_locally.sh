@@ -115,4 +115,3 @@ summary = (unpacked / "summary.md").read_text()
 assert summary.startswith("## MNIST Flax:") and "Against the default branch's model" in summary, summary[:300]
 print("run_workflow_locally: the job summary was written:", summary.splitlines()[0])
 PY
-rm -rf "$unpacked"
