@@ -123,7 +123,7 @@ def test_train_epoch_on_tiny_data_is_reproducible(state):
 def test_evaluate_counts_correct_predictions(state):
     batch = fixed_batch(size=30)
     variables = step.model_variables(state)
-    predicted = np.argmax(step.predict_logits(variables, batch.images), -1)
+    predicted = np.argmax(jax.jit(step.predict_logits)(variables, batch.images), -1)
     result = step.evaluate(variables, batch.images, predicted.astype(np.int32), batch_size=7)
     assert (result["accuracy"], result["correct"], result["count"]) == (1.0, 30, 30)
     confusion = np.array(result["confusion_matrix"])
@@ -268,7 +268,7 @@ def test_a_layer_added_to_the_module_trains_as_written():
     state = step.create_train_state(config, model)
     assert "hidden" in state.params and state.apply_fn.__self__ is model
     batch = fixed_batch(size=16)
-    grads = jax.grad(lambda p: step.loss_and_updates(p, state, batch)[0])(state.params)
+    grads = jax.jit(jax.grad(lambda p: step.loss_and_updates(p, state, batch)[0]))(state.params)
     assert float(jnp.abs(grads["hidden"]["kernel"]).max()) > 0
     assert float(jnp.abs(grads["bn2"]["scale"]).max()) > 0  # the fused blocks train beneath it
     new, metrics = step.make_train_steps(config)(state, stacked([batch] * config.steps_per_call))
@@ -278,8 +278,9 @@ def test_a_layer_added_to_the_module_trains_as_written():
     assert len(set(np.round(metrics["loss_sum"], 6).tolist())) == config.steps_per_call  # each step differs
     # Eval mode is deterministic: dropout is off.
     variables = step.model_variables(new)
-    np.testing.assert_array_equal(step.predict_logits(variables, batch.images, model),
-                                  step.predict_logits(variables, batch.images, model))
-    dropped = [model.apply(variables, batch.images, train=True, mutable=["batch_stats"],
-                           rngs={"dropout": jax.random.key(k)})[0] for k in (0, 1)]
+    logits = jax.jit(step.predict_logits, static_argnums=2)
+    np.testing.assert_array_equal(logits(variables, batch.images, model), logits(variables, batch.images, model))
+    train_logits = jax.jit(lambda key: model.apply(variables, batch.images, train=True, mutable=["batch_stats"],
+                                                   rngs={"dropout": key})[0])
+    dropped = [train_logits(jax.random.key(k)) for k in (0, 1)]
     assert not np.allclose(dropped[0], dropped[1])
