@@ -205,8 +205,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_run(path)  # fail on a bad checkpoint before MNIST is loaded
     from mnist_flax.data import load_mnist
     data = load_mnist(data_dir=args.data_dir, manual_dir=args.manual_dir)
-    for written in write_plots(path, data=data, output_dir=args.output_dir):
-        print(written)
+    # The plot workers import matplotlib while the model runs on the test set, then draw side by
+    # side, as after training (train.py).
+    with plots.Painter() as painter:
+        for written in write_plots(path, data=data, output_dir=args.output_dir, painter=painter):
+            print(written)
     return 0
 
 
