@@ -151,6 +151,16 @@ def download(name: str, mirrors: tuple[str, ...], dest_dir: Path, timeout_s: flo
     raise DataError(f"cannot download {name}.gz ({'; '.join(failures)}). Without network access, {_HOW_TO_GET}.")
 
 
+class LocalDatasetInfo(tfds.core.DatasetInfo):
+    """TFDS's DatasetInfo for a dataset that exists only where it is prepared."""
+
+    def initialize_from_bucket(self) -> None:
+        # TFDS calls this while the dataset is not prepared yet, to fetch the info of datasets it
+        # publishes in its bucket. This one is not there; TFDS's version also makes a temporary
+        # directory before it looks and never removes it, one per prepare.
+        pass
+
+
 class MnistIdx(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """MNIST from its IDX files, stored as array_record in the original record order.
 
@@ -181,7 +191,7 @@ class MnistIdx(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         super().__init__(file_format="array_record", **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
+        return LocalDatasetInfo(
             builder=self,
             description="MNIST handwritten digits, from the original IDX files.",
             features=tfds.features.FeaturesDict(

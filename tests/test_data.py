@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import struct
+import tempfile
 import threading
 import time
 
@@ -92,6 +93,18 @@ def test_round_trip_keeps_values_and_order(tmp_path, gz):
     manual = write_set(tmp_path / "manual", files, gz=gz)
     builder = tiny_builder_cls(files)(data_dir=tmp_path / "tfds", manual_dir=manual)
     assert_arrays_equal(data.load_builder(builder), expected_arrays(files))
+
+
+def test_preparing_leaves_nothing_in_the_temporary_directory(tmp_path, monkeypatch):
+    """TFDS's DatasetInfo.initialize_from_bucket makes a directory there before it looks for a
+    dataset's info in its bucket, and leaves it behind; every prepare would leave one."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    files = tiny_idx_set()
+    manual = write_set(tmp_path / "manual", files)
+    data.load_builder(tiny_builder_cls(files)(data_dir=tmp_path / "tfds", manual_dir=manual))
+    assert list(scratch.iterdir()) == []
 
 
 def test_second_load_reuses_prepared_data(tmp_path):
