@@ -155,10 +155,9 @@ class LocalDatasetInfo(tfds.core.DatasetInfo):
     """TFDS's DatasetInfo for a dataset that exists only where it is prepared."""
 
     def initialize_from_bucket(self) -> None:
-        # TFDS calls this while the dataset is not prepared yet, to fetch the info of datasets it
-        # publishes in its bucket. This one is not there; TFDS's version also makes a temporary
-        # directory before it looks and never removes it, one per prepare.
-        pass
+        """Nothing to fetch. TFDS calls this for a dataset not prepared yet, to fetch the info of
+        the datasets it publishes in its bucket, which this one is not. Its own version also makes
+        a temporary directory before it looks and never removes it: one left behind per prepare."""
 
 
 class MnistIdx(tfds.core.GeneratorBasedBuilder, skip_registration=True):
