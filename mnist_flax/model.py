@@ -8,9 +8,9 @@
     fc    512->10 (flattened in NHWC order)
 
 Training, evaluation, prediction and export all apply `CNN`. Its blocks have two forms of
-the same maths: the plain one (nn.Conv, BatchNorm, nn.relu, nn.max_pool) and, in training,
-the fused one of ops.py, which is faster on CPU. `CNN.fused` picks the form
-(`ops.use_fused` chooses it for a run). Variable names match the PyTorch attributes
+the same maths: the plain one (nn.Conv, BatchNorm, nn.relu, nn.max_pool) and the fused one
+of ops.py, which is faster on CPU. `CNN.fused` picks the form (`ops.use_fused` chooses it
+for the backend). Variable names match the PyTorch attributes
 (`conv1`..`conv5`, `bn1`..`bn5`, `fc`), so exporting to the original's state dict is a
 renaming, not a guess.
 """
@@ -119,8 +119,10 @@ class ConvBNReLU(nn.Module):
 
     Its variables are nn.Conv's and BatchNorm's, under the names `conv{index}` and
     `bn{index}` in the parent's scope (the model shares its scope with the block). The
-    fused form, used in training when `fused`, applies ops.py to those same variables;
-    initialisation and evaluation always take the plain form.
+    fused form, used when `fused`, applies ops.py to those same variables: in training all
+    of it, in evaluation only its convolution, which computes conv1's single input channel
+    as nine shifted products (the others as nn.Conv does, bit for bit). Initialisation
+    always takes the plain form.
     """
 
     features: int
@@ -135,9 +137,16 @@ class ConvBNReLU(nn.Module):
         conv = nn.Conv(self.features, (self.kernel_size,) * 2, padding="VALID", name=f"conv{self.index}",
                        kernel_init=torch_kernel_init, bias_init=torch_bias_init(fan_in))
         bn = BatchNorm(name=f"bn{self.index}")
-        if self.fused and train and not self.is_initializing():
-            return self._fused(x, bn, mask)
-        y = nn.relu(bn(conv(x), train=train, mask=mask))
+        if self.fused and not self.is_initializing():
+            if train:
+                return self._fused(x, bn, mask)
+            # XLA:CPU's convolution of one input channel took 7x as long as the shifted products
+            # (docs/performance.md): it was a third of evaluating the test set.
+            params = self.get_variable("params", f"conv{self.index}")
+            z = ops.conv(x, params["kernel"]) + params["bias"]
+        else:
+            z = conv(x)
+        y = nn.relu(bn(z, train=train, mask=mask))
         return nn.max_pool(y, (2, 2), strides=(2, 2)) if self.pool else y
 
     def _fused(self, x: jax.Array, bn: BatchNorm, mask: jax.Array | None) -> jax.Array:
@@ -161,7 +170,7 @@ class ConvBNReLU(nn.Module):
 class CNN(nn.Module):
     """The original network. Input NHWC (N, 28, 28, 1), uint8 or [0, 1] floats; output logits (N, 10)."""
 
-    fused: bool = False  # the blocks' fused form in training (ops.py); the plain form otherwise
+    fused: bool = False  # the blocks' fused form (ops.py; in evaluation, its convolution); else the plain form
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:

@@ -1,10 +1,13 @@
 """The eval-mode network as an ONNX graph, translated from the jaxpr of `step.predict_logits`.
 
-The graph is not a second definition of the network: it is read off the same function that
+The graph is not a second definition of the network: it is read off the function that
 `mnist_flax.evaluate` runs, traced with a symbolic batch size, one JAX primitive at a time.
+It is traced in the model's plain form (`CNN()`), whose conv1 is one Conv node that ONNX
+runtimes optimise; evaluation on CPU computes conv1 as the fused form's nine shifted
+products, the same sum in another order (model.py).
 Whatever depends only on the weights (BatchNorm's 1/sqrt(var + eps), a bias reshaped for
 broadcasting) is computed here, once, and stored as an initializer; the rest becomes ONNX
-nodes in the jaxpr's order, so onnxruntime does the same float operations as XLA.
+nodes in the jaxpr's order, so onnxruntime does the plain form's float operations.
 
 Layout: the graph takes what the Flax model takes, uint8 pixels (N, 28, 28, 1) NHWC, and
 normalises them inside (the jaxpr starts with CNN's `normalize`). ONNX convolutions are NCHW,
@@ -21,6 +24,7 @@ A primitive the translator does not know is an error naming it, not a silent gue
 to the model that needs a new translation fails the export (and tests/test_onnx.py).
 """
 
+import functools
 from dataclasses import dataclass
 
 import jax
@@ -31,6 +35,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from mnist_flax import step
+from mnist_flax.model import CNN
 from mnist_flax.config import IMAGE_SHAPE, NUM_CLASSES
 
 OPSET = 17  # the newest opset that onnxruntime-web, mobile and the C#/Java builds all load
@@ -184,7 +189,7 @@ def eval_jaxpr(variables: dict) -> jex.core.ClosedJaxpr:
     """The jaxpr of eval-mode inference, weights as inputs, batch size symbolic."""
     shape = jax.export.symbolic_shape(", ".join([BATCH, *map(str, IMAGE_SHAPE)]))
     images = jax.ShapeDtypeStruct(shape, jnp.uint8)
-    return jax.make_jaxpr(step.predict_logits)(variables, images)
+    return jax.make_jaxpr(functools.partial(step.predict_logits, model=CNN()))(variables, images)
 
 
 def to_onnx(variables: dict, metadata: dict[str, str]) -> onnx.ModelProto:

@@ -161,9 +161,15 @@ def model_variables(state: TrainState) -> dict:
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
+def default_model() -> nn.Module:
+    """The network in the form `ops.use_fused` picks for this backend: what evaluation applies
+    unless given a model."""
+    return CNN(fused=ops.use_fused())
+
+
 def predict_logits(variables: dict, images: jax.Array, model: nn.Module | None = None) -> jax.Array:
     """Eval-mode logits: running BatchNorm statistics, no gradients, no updates."""
-    return (model or CNN()).apply(variables, images, train=False)
+    return (model or default_model()).apply(variables, images, train=False)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -174,7 +180,7 @@ def _probabilities(model: nn.Module, variables: dict, images: jax.Array) -> jax.
 def predict_probabilities(variables: dict, images: np.ndarray, batch_size: int = EVAL_BATCH_SIZE,
                           model: nn.Module | None = None) -> np.ndarray:
     """Class probabilities (N, 10) in eval mode, computed in batches."""
-    model = model or CNN()
+    model = model or default_model()
     chunks = [_probabilities(model, variables, images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
     return np.concatenate(jax.device_get(chunks))
 
