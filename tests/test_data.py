@@ -273,7 +273,8 @@ def http_root(tmp_path):
 
     handler = functools.partial(QuietHandler, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # shutdown() waits for serve_forever's next poll: its default interval, 0.5 s, was each test's teardown.
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield root, f"http://127.0.0.1:{server.server_address[1]}/"
     server.shutdown()
