@@ -33,15 +33,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TORCH_VARIANTS = {"eager": [], "compile": ["--compile", "default"], "channels_last": ["--channels-last"]}
-# The machine's compute rate now: the median of 20 jitted 2048x2048 f32 matmuls, in GFLOP/s.
-MATMUL_PROBE = """
+def matmul_probe(n: int = 2048, repeats: int = 20) -> str:
+    """A program that prints the machine's compute rate now, in GFLOP/s: the median of `repeats`
+    jitted n x n f32 matmuls."""
+    return f"""
 import statistics, time, jax, jax.numpy as jnp
-n = 2048
+n = {n}
 a = jnp.ones((n, n), jnp.float32)
 f = jax.jit(lambda a: a @ a)
 f(a).block_until_ready()
 seconds = []
-for _ in range(20):
+for _ in range({repeats}):
     start = time.perf_counter()
     f(a).block_until_ready()
     seconds.append(time.perf_counter() - start)
@@ -82,7 +84,7 @@ def main() -> None:
         torch_cmd = [sys.executable, "-m", "pytorch_original.train", "--data", a.manual_dir]
         timed(train, env, REPO)  # untimed: prepares MNIST and fills the warm cache
 
-        jobs = {"matmul_gflops": lambda r: float(timed([sys.executable, "-c", MATMUL_PROBE], env, REPO)[1])}
+        jobs = {"matmul_gflops": lambda r: float(timed([sys.executable, "-c", matmul_probe()], env, REPO)[1])}
         if "command" in parts:
             jobs["flax_warm_s"] = lambda r: timed(train, env, REPO)[0]
             jobs["torch_epoch_s"] = lambda r: timed(torch_cmd, env, REPO)[0]
