@@ -35,8 +35,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from mnist_flax import step
-from mnist_flax.model import CNN
 from mnist_flax.config import IMAGE_SHAPE, NUM_CLASSES
+from mnist_flax.model import CNN
 
 OPSET = 17  # the newest opset that onnxruntime-web, mobile and the C#/Java builds all load
 IR_VERSION = 8  # the IR version that goes with opset 17; newer ones lock out older runtimes

@@ -33,6 +33,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TORCH_VARIANTS = {"eager": [], "compile": ["--compile", "default"], "channels_last": ["--channels-last"]}
+
+
 def matmul_probe(n: int = 2048, repeats: int = 20) -> str:
     """A program that prints the machine's compute rate now, in GFLOP/s: the median of `repeats`
     jitted n x n f32 matmuls."""
