@@ -227,8 +227,20 @@ def require(module: str, install: str):
         return pytest.importorskip(module)
 
 
+def require_installed(module: str, install: str) -> None:
+    """As `require`, for a test that needs the module only in the processes it starts: found,
+    not imported into the worker (torch takes 1.6 s of CPU to import)."""
+    if importlib.util.find_spec(module) is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{module} is required when $CI is set: {install}")
+        pytest.skip(f"{module} is not installed: {install}")
+
+
+TORCH_INSTALL = "the CPU build, torch==2.13.*"
+
+
 def require_torch():
-    return require("torch", "the CPU build, torch==2.13.*")
+    return require("torch", TORCH_INSTALL)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, require, require_torch
+from conftest import REPO, TORCH_INSTALL, require_installed
 from mnist_flax import sidecar
 
 README = (REPO / "README.md").read_text()
@@ -79,7 +79,7 @@ def run_export_then_snippet(tmp_path, trained_checkpoint, mnist_data_dir, mnist_
 @pytest.mark.slow
 def test_pytorch_snippet_runs_as_written(tmp_path, trained_checkpoint, mnist_data_dir, mnist_manual_dir):
     """After the README's own export command, its PyTorch snippet gives the checkpoint's accuracy."""
-    require_torch()
+    require_installed("torch", TORCH_INSTALL)  # the snippet imports it, in its own process
     out = run_export_then_snippet(tmp_path, trained_checkpoint, mnist_data_dir, mnist_manual_dir,
                                   lambda cmd: cmd.startswith("python -m mnist_flax.export artifacts -o"),
                                   "load_state_dict")
@@ -90,7 +90,7 @@ def test_pytorch_snippet_runs_as_written(tmp_path, trained_checkpoint, mnist_dat
 @pytest.mark.slow
 def test_onnx_snippet_runs_as_written(tmp_path, trained_checkpoint, mnist_data_dir, mnist_manual_dir):
     """The README's ONNX export command, then its onnxruntime snippet: the checkpoint's accuracy."""
-    require("onnxruntime", "pip install 'mnist-flax[onnx]'")
+    require_installed("onnxruntime", "pip install 'mnist-flax[onnx]'")
     out = run_export_then_snippet(tmp_path, trained_checkpoint, mnist_data_dir, mnist_manual_dir,
                                   lambda cmd: "--format onnx" in cmd, "onnxruntime")
     accuracy = sidecar.read(trained_checkpoint)["test_accuracy"]
