@@ -222,8 +222,7 @@ def require(module: str, install: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail(f"{module} is required when $CI is set: {install}")
+        fail_under_ci(module, install)
         return pytest.importorskip(module)
 
 
@@ -231,9 +230,13 @@ def require_installed(module: str, install: str) -> None:
     """As `require`, for a test that needs the module only in the processes it starts: found,
     not imported into the worker (torch takes 1.6 s of CPU to import)."""
     if importlib.util.find_spec(module) is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{module} is required when $CI is set: {install}")
+        fail_under_ci(module, install)
         pytest.skip(f"{module} is not installed: {install}")
+
+
+def fail_under_ci(module: str, install: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{module} is required when $CI is set: {install}")
 
 
 TORCH_INSTALL = "the CPU build, torch==2.13.*"
