@@ -14,13 +14,36 @@ import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
+import logging
 import os
 import platform
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+
+def end_worker_without_teardown() -> None:
+    """The last exit handler of a pytest-xdist worker: ends it once every other handler has run.
+
+    What is left after them is the interpreter's teardown, which frees a whole session's modules
+    and compiled programs one by one: 1-2 s at the end of every run, which the controller waits
+    for (docs/performance.md). Of the two handlers registered before this one, logging's runs here
+    and execnet's has nothing to do (it closes gateways, and a worker opens none). A worker with
+    more (coverage started with the interpreter, say) is left to end the usual way.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(0)  # the controller reads a worker's result from its channel, never its exit status
+
+
+KNOWN_EARLIER_EXIT_HANDLERS = 2  # logging's and execnet's
+if os.environ.get("PYTEST_XDIST_WORKER") and atexit._ncallbacks() <= KNOWN_EARLIER_EXIT_HANDLERS:
+    atexit.register(end_worker_without_teardown)  # before jax and the tests register theirs: runs after them
 
 import jax
 import numpy as np
