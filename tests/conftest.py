@@ -4,12 +4,19 @@ original (pytorch_original/) for parity tests.
 
 Prerequisites that are missing (MNIST, torch, the onnx and serve extras) skip their tests locally but fail
 them when $CI is set, so CI cannot pass by skipping.
+
+pytest-xdist's controller imports this file too, and runs no test. So JAX, numpy and the package's
+modules that import them are imported where they are used, and a process that runs tests sets
+itself up in pytest_configure: the controller starts its workers a second sooner.
 """
+
+from __future__ import annotations
 
 import ast
 import atexit
 import collections
 import contextlib
+import functools
 import hashlib
 import importlib
 import importlib.metadata
@@ -23,6 +30,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from mnist_flax import cli, sidecar  # these import neither JAX nor numpy
+from mnist_flax.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from mnist_flax import data
 
 
 def end_worker_without_teardown() -> None:
@@ -45,26 +63,12 @@ KNOWN_EARLIER_EXIT_HANDLERS = 2  # logging's and execnet's
 if os.environ.get("PYTEST_XDIST_WORKER") and atexit._ncallbacks() <= KNOWN_EARLIER_EXIT_HANDLERS:
     atexit.register(end_worker_without_teardown)  # before jax and the tests register theirs: runs after them
 
-import jax
-import numpy as np
-import pytest
-from hypothesis import settings
-
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks, and no pytest-xdist sharing either (see only_one_worker)
     fcntl = None
 # Under pytest-xdist the workers share what a session makes once; that needs flock.
 SHARED_BETWEEN_WORKERS = fcntl is not None and bool(os.environ.get("PYTEST_XDIST_WORKER"))
-
-# CI runs the same hypothesis examples every time; locally they vary and find more.
-settings.register_profile("ci", derandomize=True, database=None)
-if os.environ.get("CI"):
-    settings.load_profile("ci")
-
-from mnist_flax import checkpoint, cli, data, loop, runtime, sidecar, step, training
-from mnist_flax import config as config_lib
-from mnist_flax.errors import CheckpointError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -77,14 +81,14 @@ TEST_CACHE_ENV = "MNIST_FLAX_TEST_COMPILATION_CACHE"
 TEST_CACHE_MAX_BYTES = 512 * 2**20  # a whole session's programs take about 12 MiB
 
 
+@functools.cache
 def tests_compilation_cache_dir() -> str:
+    from mnist_flax import runtime
     path = os.environ.get(TEST_CACHE_ENV) or str(Path(runtime.default_compilation_cache_dir()).parent / "test-jax")
     if path == "session":
         path = tempfile.mkdtemp(prefix="mnist-flax-tests-compilation-cache-")
         atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path
-
-
 def restore_missing_access_times(cache_dir: str) -> int:
     """Gives every cached program whose `-atime` file is missing the oldest access time, 0.
 
@@ -108,13 +112,33 @@ def restore_missing_access_times(cache_dir: str) -> int:
     return len(missing)
 
 
-TEST_CACHE_DIR = tests_compilation_cache_dir()
-restore_missing_access_times(TEST_CACHE_DIR)
-os.environ[runtime.COMPILATION_CACHE_ENV] = TEST_CACHE_DIR
-os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(TEST_CACHE_MAX_BYTES)  # read by every JAX the tests start
-jax.config.update("jax_compilation_cache_max_size", TEST_CACHE_MAX_BYTES)
-runtime.enable_compilation_cache()  # and this process too: what a fixture compiled, a command loads
-cli.set_up_process()  # in-process computations run the kernels, and allocate, as the commands do
+def set_up_test_process() -> None:
+    """What a process that runs tests sets before any of them: hypothesis's profile, the tests'
+    compilation cache for it and every command it starts, and the commands' XLA flags and
+    allocator settings, so that in-process computations run the kernels, and allocate, as
+    the commands do."""
+    import jax
+    from hypothesis import settings
+
+    from mnist_flax import runtime
+
+    # CI runs the same hypothesis examples every time; locally they vary and find more.
+    settings.register_profile("ci", derandomize=True, database=None)
+    if os.environ.get("CI"):
+        settings.load_profile("ci")
+    cache_dir = tests_compilation_cache_dir()
+    restore_missing_access_times(cache_dir)
+    os.environ[runtime.COMPILATION_CACHE_ENV] = cache_dir
+    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(TEST_CACHE_MAX_BYTES)  # read by every JAX the tests start
+    jax.config.update("jax_compilation_cache_max_size", TEST_CACHE_MAX_BYTES)
+    runtime.enable_compilation_cache()  # and this process too: what a fixture compiled, a command loads
+    cli.set_up_process()
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-xdist's, which registers "dsession" in its controller
+def pytest_configure(config):
+    if not config.pluginmanager.has_plugin("dsession"):  # a worker, or a run without workers
+        set_up_test_process()
 
 
 MISSING_MNIST = "real MNIST not found"
@@ -127,6 +151,7 @@ def tfds_downloads() -> Path:
 
 
 def has_mnist(path: Path) -> bool:
+    from mnist_flax import data
     return all((path / f"{n}.gz").is_file() or (path / n).is_file() for n in data.FILE_NAMES)
 
 
@@ -138,6 +163,7 @@ def mnist_manual_dir() -> Path:
     Missing files fail the test under CI (where they must be there) and skip it elsewhere;
     the session's summary counts those skips and says how to run them.
     """
+    from mnist_flax import data
     env = os.environ.get(data.MANUAL_DIR_ENV)
     path = Path(env) if env else tfds_downloads()
     if not has_mnist(path):
@@ -166,6 +192,7 @@ def pytest_collection_modifyitems(items):
 def pytest_terminal_summary(terminalreporter):
     skipped = [r for r in terminalreporter.stats.get("skipped", []) if MISSING_MNIST in str(r.longrepr)]
     if skipped:
+        from mnist_flax import data
         terminalreporter.write_line(
             f"{len(skipped)} tests on the real MNIST were skipped: the four IDX files were found neither in "
             f"${data.MANUAL_DIR_ENV} nor in {tfds_downloads()}. Set {data.MANUAL_DIR_ENV}=DIR, or run "
@@ -202,11 +229,12 @@ def mnist_data_dir(mnist_manual_dir) -> Path:
     is whole, and decoded.py uses its arrays only while their sha256 matches. The tests only read
     it; those about preparing use data dirs of their own.
     """
-    data_dir = KEPT_DATA / prepared_data_key()
+    from mnist_flax import data
+    data_dir = kept_data_dir() / prepared_data_key()
     data_dir.mkdir(parents=True, exist_ok=True)
     os.utime(data_dir)  # the digests in use are the ones kept longest
     prepare_or_repair(data_dir, lambda: data.load_mnist(data_dir=str(data_dir), manual_dir=str(mnist_manual_dir)))
-    drop_all_but_newest(KEPT_DATA, KEEP_DATA_AT_MOST)
+    drop_all_but_newest(kept_data_dir(), KEEP_DATA_AT_MOST)
     return data_dir
 
 
@@ -234,6 +262,7 @@ def prepare_or_repair(data_dir: Path, load) -> None:
 @pytest.fixture(scope="session")
 def mnist_arrays(mnist_manual_dir, mnist_data_dir) -> data.MnistArrays:
     """The real MNIST as arrays (prepared once per session)."""
+    from mnist_flax import data
     return data.load_mnist(data_dir=str(mnist_data_dir), manual_dir=str(mnist_manual_dir))
 
 
@@ -283,6 +312,7 @@ def env_without_jax(tmp_path) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def test_set(mnist_arrays) -> tuple[np.ndarray, np.ndarray]:
     """The 10,000 real test images, uint8 (N, 28, 28, 1), and their labels."""
+    import numpy as np
     return np.asarray(mnist_arrays.test_images), np.asarray(mnist_arrays.test_labels)
 
 
@@ -300,7 +330,7 @@ def trained_checkpoint(mnist_arrays, test_set, tmp_path_factory) -> Path:
         found = next(directory.glob("*.msgpack"), None)
         if found:
             return found
-        kept = KEPT_CHECKPOINTS / trained_checkpoint_key()
+        kept = kept_checkpoints_dir() / trained_checkpoint_key()
         if copy_valid_checkpoint(kept, directory):
             return next(directory.glob("*.msgpack"))
         path = train_checkpoint(mnist_arrays, test_set, directory)
@@ -310,10 +340,16 @@ def trained_checkpoint(mnist_arrays, test_set, tmp_path_factory) -> Path:
 
 # Inside the tests' compilation cache, so that CI's cache of it keeps these too; JAX's size
 # bound only counts and evicts the files at the top of that directory.
-KEPT_CHECKPOINTS = Path(TEST_CACHE_DIR) / "trained-checkpoints"
+def kept_checkpoints_dir() -> Path:
+    return Path(tests_compilation_cache_dir()) / "trained-checkpoints"
+
+
 KEEP_AT_MOST = 8  # digests kept: a few checkouts (a worktree, a branch) can share the cache
 
-KEPT_DATA = Path(TEST_CACHE_DIR) / "prepared-mnist"
+def kept_data_dir() -> Path:
+    return Path(tests_compilation_cache_dir()) / "prepared-mnist"
+
+
 KEEP_DATA_AT_MOST = 2  # each is 74 MiB
 
 
@@ -377,6 +413,7 @@ def copy_valid_checkpoint(kept: Path, directory: Path) -> bool:
     found = next(kept.glob("*.msgpack"), None) if kept.is_dir() else None
     if found is None:
         return False
+    from mnist_flax import checkpoint
     try:
         checkpoint.load_checkpoint(found)  # a damaged entry is trained again
         for path in (sidecar.path_for(found), found):  # the msgpack last: its presence means both are there
@@ -420,6 +457,10 @@ def modified(path: Path) -> float:
 
 
 def train_checkpoint(mnist_arrays, test_set, directory: Path) -> Path:
+    import numpy as np
+
+    from mnist_flax import checkpoint, loop, step, training
+    from mnist_flax import config as config_lib
     images, labels = np.asarray(mnist_arrays.train_images), np.asarray(mnist_arrays.train_labels)
     config = config_lib.resolve()
     state = step.create_train_state(config)
@@ -434,6 +475,10 @@ def train_checkpoint(mnist_arrays, test_set, directory: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def flax_test_logits(trained_checkpoint, test_set) -> np.ndarray:
+    import jax
+    import numpy as np
+
+    from mnist_flax import checkpoint, step
     variables, _ = checkpoint.load_checkpoint(trained_checkpoint)
     logits_fn = jax.jit(step.predict_logits)
     images = test_set[0]

@@ -95,7 +95,7 @@ def test_the_prepared_data_key_changes_with_the_code_that_writes_it(tmp_path):
 
 
 def test_the_session_data_dir_is_the_kept_one_and_holds_mnist(mnist_data_dir, mnist_manual_dir):
-    assert mnist_data_dir == conftest.KEPT_DATA / conftest.prepared_data_key()
+    assert mnist_data_dir == conftest.kept_data_dir() / conftest.prepared_data_key()
     arrays = data.load_mnist(data_dir=str(mnist_data_dir), manual_dir=str(mnist_manual_dir))
     assert arrays.train_images.shape == (60_000, 28, 28, 1) and arrays.test_labels.shape == (10_000,)
 

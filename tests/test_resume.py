@@ -65,7 +65,7 @@ def uninterrupted(tmp_path_factory, mnist_data_dir, mnist_manual_dir):
     and these flags: a later session compares its resumed runs with a process of an earlier one.
     """
     out = tmp_path_factory.mktemp("uninterrupted")
-    kept = conftest.KEPT_CHECKPOINTS / ("uninterrupted-" + conftest.trained_checkpoint_key(REPO_ROOT, *QUICK))
+    kept = conftest.kept_checkpoints_dir() / ("uninterrupted-" + conftest.trained_checkpoint_key(REPO_ROOT, *QUICK))
     if conftest.copy_valid_checkpoint(kept, out):
         return next(out.glob("*.msgpack"))
     result = run(train_cmd(out, mnist_data_dir, mnist_manual_dir, *QUICK))
