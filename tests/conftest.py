@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from hypothesis import settings
 
 from mnist_flax import cli, sidecar  # these import neither JAX nor numpy
 from mnist_flax.errors import CheckpointError
@@ -69,6 +70,13 @@ except ImportError:  # Windows: no advisory locks, and no pytest-xdist sharing e
     fcntl = None
 # Under pytest-xdist the workers share what a session makes once; that needs flock.
 SHARED_BETWEEN_WORKERS = fcntl is not None and bool(os.environ.get("PYTEST_XDIST_WORKER"))
+
+# CI runs the same hypothesis examples every time; locally they vary and find more. Registered
+# as the file loads, in the controller too: hypothesis's own pytest_configure loads the profile
+# that --hypothesis-profile names.
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -113,19 +121,13 @@ def restore_missing_access_times(cache_dir: str) -> int:
 
 
 def set_up_test_process() -> None:
-    """What a process that runs tests sets before any of them: hypothesis's profile, the tests'
-    compilation cache for it and every command it starts, and the commands' XLA flags and
-    allocator settings, so that in-process computations run the kernels, and allocate, as
-    the commands do."""
+    """What a process that runs tests sets before any of them: the tests' compilation cache, for
+    it and every command it starts, and the commands' XLA flags and allocator settings, so that
+    in-process computations run the kernels, and allocate, as the commands do."""
     import jax
-    from hypothesis import settings
 
     from mnist_flax import runtime
 
-    # CI runs the same hypothesis examples every time; locally they vary and find more.
-    settings.register_profile("ci", derandomize=True, database=None)
-    if os.environ.get("CI"):
-        settings.load_profile("ci")
     cache_dir = tests_compilation_cache_dir()
     restore_missing_access_times(cache_dir)
     os.environ[runtime.COMPILATION_CACHE_ENV] = cache_dir
