@@ -31,13 +31,12 @@ DIGITS = 100  # distinct test images the clients cycle through
 START_TIMEOUT_S = 120
 
 
-def digit_pngs(manual_dir: str | None, count: int = DIGITS) -> list[tuple[bytes, int]]:
+def digit_pngs(images: np.ndarray, labels: np.ndarray, count: int = DIGITS) -> list[tuple[bytes, int]]:
+    """The first `count` images (uint8, N x 28 x 28 x 1) as PNG bodies, with their labels."""
     from PIL import Image
 
-    from mnist_flax import data
-    mnist = data.load_mnist(manual_dir=manual_dir)
     out = []
-    for image, label in zip(mnist.test_images[:count], mnist.test_labels[:count]):
+    for image, label in zip(images[:count], labels[:count]):
         buf = io.BytesIO()
         Image.fromarray(np.asarray(image)[:, :, 0]).save(buf, format="PNG")
         out.append((buf.getvalue(), int(label)))
@@ -112,7 +111,9 @@ def main() -> int:
     args = p.parse_args()
     if bool(args.checkpoint) == bool(args.url):
         p.error("give a CHECKPOINT_OR_DIR to serve, or --url of a running server")
-    bodies = digit_pngs(args.manual_dir)
+    from mnist_flax import data
+    mnist = data.load_mnist(manual_dir=args.manual_dir)
+    bodies = digit_pngs(mnist.test_images, mnist.test_labels)
     proc, url = start_server(args.checkpoint) if args.checkpoint else (None, args.url)
     try:
         print(json.dumps(run(url, bodies, args.clients, args.seconds)))

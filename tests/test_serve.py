@@ -135,9 +135,9 @@ def test_the_page_is_served_with_a_policy_that_loads_nothing_from_elsewhere(clie
     assert "default-src 'none'" in policy and "connect-src 'self'" in policy and "http" not in policy
 
 
-def test_concurrent_clients_get_no_errors(served_url, mnist_manual_dir):
+def test_concurrent_clients_get_no_errors(served_url, test_set):
     """The real server under 4 clients for 2 s; the throughput is scripts/load_test.py's to report."""
-    summary = load_test.run(served_url, load_test.digit_pngs(str(mnist_manual_dir), 20), clients=4, seconds=2)
+    summary = load_test.run(served_url, load_test.digit_pngs(*test_set, 20), clients=4, seconds=2)
     assert summary["requests"] > 0 and summary["errors"] == 0, summary
 
 
