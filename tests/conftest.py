@@ -97,6 +97,8 @@ def tests_compilation_cache_dir() -> str:
         path = tempfile.mkdtemp(prefix="mnist-flax-tests-compilation-cache-")
         atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path
+
+
 def restore_missing_access_times(cache_dir: str) -> int:
     """Gives every cached program whose `-atime` file is missing the oldest access time, 0.
 
@@ -347,6 +349,7 @@ def kept_checkpoints_dir() -> Path:
 
 
 KEEP_AT_MOST = 8  # digests kept: a few checkouts (a worktree, a branch) can share the cache
+
 
 def kept_data_dir() -> Path:
     return Path(tests_compilation_cache_dir()) / "prepared-mnist"
