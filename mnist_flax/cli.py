@@ -136,9 +136,14 @@ def exit_process(code: int) -> NoReturn:
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         sys.exit(code)
     atexit._run_exitfuncs()
+    flush_standard_streams()
+    os._exit(code)
+
+
+def flush_standard_streams() -> None:
+    """Flushes stdout and stderr before an `os._exit`, which would drop what they buffer."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):  # a reader that went away, or a closed stream: nothing to save
             pass
-    os._exit(code)

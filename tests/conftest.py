@@ -26,7 +26,6 @@ import os
 import platform
 import shutil
 import signal
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -54,9 +53,7 @@ def end_worker_without_teardown() -> None:
     more (coverage started with the interpreter, say) is left to end the usual way.
     """
     logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
-            stream.flush()
+    cli.flush_standard_streams()
     os._exit(0)  # the controller reads a worker's result from its channel, never its exit status
 
 
