@@ -145,10 +145,9 @@ def pytest_configure(config):
 MISSING_MNIST = "real MNIST not found"
 
 
-def tfds_downloads() -> Path:
-    """Where `python -m mnist_flax.train` keeps the IDX files it downloaded (TFDS's download dir)."""
-    data_dir = os.environ.get("TFDS_DATA_DIR") or Path.home() / "tensorflow_datasets"
-    return Path(data_dir) / "downloads"
+def tfds_data_dir() -> Path:
+    """TFDS's data dir, where `python -m mnist_flax.train` prepares MNIST and keeps what it downloaded."""
+    return Path(os.environ.get("TFDS_DATA_DIR") or Path.home() / "tensorflow_datasets")
 
 
 def has_mnist(path: Path) -> bool:
@@ -156,23 +155,56 @@ def has_mnist(path: Path) -> bool:
     return all((path / f"{n}.gz").is_file() or (path / n).is_file() for n in data.FILE_NAMES)
 
 
-@pytest.fixture(scope="session")
-def mnist_manual_dir() -> Path:
-    """The directory holding the four real MNIST IDX files.
+def idx_bytes(array: np.ndarray) -> bytes:
+    """An IDX file of unsigned bytes holding `array`, as MNIST's files are laid out."""
+    import struct
+    return bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
 
-    $MNIST_FLAX_MANUAL_DIR, else the files a training run downloaded into TFDS's data dir.
-    Missing files fail the test under CI (where they must be there) and skip it elsewhere;
-    the session's summary counts those skips and says how to run them.
+
+def write_idx_files_from_prepared(data_dir: Path, directory: Path) -> bool:
+    """Writes the four IDX files into `directory` from the MNIST a training run prepared in `data_dir`
+    (offline, from --manual-dir, it downloads nothing, so only the prepared dataset is left there).
+    False if there is none. data.py checks their sha256 when a fixture prepares from them."""
+    from mnist_flax import data
+    from mnist_flax.atomic import atomic_write_bytes
+    builder = data.MnistIdx(data_dir=str(data_dir))
+    if not builder.is_prepared():
+        return False
+    with only_one_worker(directory):
+        if not has_mnist(directory):
+            arrays = data.load_builder(builder)
+            splits = {"train": (arrays.train_images, arrays.train_labels),
+                      "test": (arrays.test_images, arrays.test_labels)}
+            for split, (images, labels) in splits.items():
+                images_name, labels_name = data.SPLIT_FILES[split]
+                atomic_write_bytes(directory / images_name, idx_bytes(images[..., 0]))
+                atomic_write_bytes(directory / labels_name, idx_bytes(labels.astype("uint8")))
+    return True
+
+
+@pytest.fixture(scope="session")
+def mnist_manual_dir(tmp_path_factory) -> Path:
+    """A directory holding the four real MNIST IDX files, found where the commands find MNIST.
+
+    $MNIST_FLAX_MANUAL_DIR; else the files a training run downloaded into TFDS's data dir; else
+    the files written back from the dataset a training run prepared there. Missing files fail the
+    test under CI (where they must be there) and skip it elsewhere; the session's summary counts
+    those skips and says how to run them.
     """
     from mnist_flax import data
     env = os.environ.get(data.MANUAL_DIR_ENV)
-    path = Path(env) if env else tfds_downloads()
-    if not has_mnist(path):
-        message = f"{MISSING_MNIST} in {path}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    if env and has_mnist(Path(env)):
+        return Path(env)
+    downloads = tfds_data_dir() / "downloads"
+    if not env and has_mnist(downloads):
+        return downloads
+    written = session_dir(tmp_path_factory, "mnist-idx")
+    if not env and write_idx_files_from_prepared(tfds_data_dir(), written):
+        return written
+    message = f"{MISSING_MNIST} in {env if env else tfds_data_dir()}"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 @pytest.hookimpl(trylast=True)  # after -m and -k: only the tests that run count
@@ -195,9 +227,10 @@ def pytest_terminal_summary(terminalreporter):
     if skipped:
         from mnist_flax import data
         terminalreporter.write_line(
-            f"{len(skipped)} tests on the real MNIST were skipped: the four IDX files were found neither in "
-            f"${data.MANUAL_DIR_ENV} nor in {tfds_downloads()}. Set {data.MANUAL_DIR_ENV}=DIR, or run "
-            "`python -m mnist_flax.train` once, which downloads them there.", yellow=True, bold=True)
+            f"{len(skipped)} tests on the real MNIST were skipped: MNIST was found neither in "
+            f"${data.MANUAL_DIR_ENV} nor in {tfds_data_dir()}. Set {data.MANUAL_DIR_ENV}=DIR (a folder with "
+            "the four IDX files), or run `python -m mnist_flax.train` once, which prepares MNIST there.",
+            yellow=True, bold=True)
 
 
 def session_dir(tmp_path_factory, name: str) -> Path:

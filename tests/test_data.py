@@ -7,7 +7,6 @@ import http.server
 import os
 import shutil
 import socket
-import struct
 import tempfile
 import threading
 import time
@@ -17,14 +16,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import idx_bytes
 from mnist_flax import config, data, decoded
 from mnist_flax.errors import DataError
 
 TINY_COUNTS = {"train": 20, "test": 10}
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    return bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
 
 
 def tiny_idx_set(seed: int = 0) -> dict[str, bytes]:

@@ -22,17 +22,22 @@ def start_suite_part(tfds_dir):
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_the_suite_finds_the_files_training_downloaded(tmp_path, mnist_manual_dir):
+def test_the_suite_finds_mnist_where_training_left_it(tmp_path, mnist_manual_dir, mnist_data_dir):
     """Without $MNIST_FLAX_MANUAL_DIR, the real-data tests use the IDX files in TFDS's download dir,
-    where `python -m mnist_flax.train` leaves them; without those, the summary says what was skipped."""
-    downloads = tmp_path / "tfds" / "downloads"
+    where an online `python -m mnist_flax.train` leaves them, or the dataset an offline one (from
+    --manual-dir) prepared in TFDS's data dir; without either, the summary says what was skipped."""
+    downloads = tmp_path / "downloaded" / "downloads"
     downloads.mkdir(parents=True)
     for name in data_files(mnist_manual_dir):
         (downloads / name.name).symlink_to(name)
-    # Two independent pytest processes, run side by side.
-    found, missing = start_suite_part(tmp_path / "tfds"), start_suite_part(tmp_path / "empty")
-    found_out, missing_out = found.communicate(timeout=300)[0], missing.communicate(timeout=300)[0]
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    (prepared / data.MnistIdx.name).symlink_to(mnist_data_dir / data.MnistIdx.name)  # no IDX file beside it
+    # Three independent pytest processes, run side by side.
+    runs = [start_suite_part(tmp_path / name) for name in ("downloaded", "prepared", "empty")]
+    found_out, prepared_out, missing_out = (run.communicate(timeout=300)[0] for run in runs)
     assert "1 passed" in found_out, found_out[-2000:]
+    assert "1 passed" in prepared_out, prepared_out[-2000:]
     assert "1 skipped" in missing_out, missing_out[-2000:]
     assert "1 tests on the real MNIST were skipped" in missing_out and "MNIST_FLAX_MANUAL_DIR=DIR" in missing_out
 
