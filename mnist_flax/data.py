@@ -11,6 +11,7 @@ import hashlib
 import os
 import shutil
 import struct
+import sys
 import urllib.error
 import urllib.request
 import zlib
@@ -26,7 +27,7 @@ except ImportError:  # Windows: no advisory locks; concurrent first prepares are
     fcntl = None
 
 from mnist_flax import decoded
-from mnist_flax.errors import DataError
+from mnist_flax.errors import DataError, missing_path
 
 MANUAL_DIR_ENV = "MNIST_FLAX_MANUAL_DIR"
 MIRRORS_ENV = "MNIST_FLAX_MIRRORS"  # comma-separated URL prefixes to download from instead
@@ -110,7 +111,7 @@ def read_source(path: Path) -> bytes:
 def find_manual_file(manual_dir: Path, name: str, sha256: str = "") -> Path:
     if not manual_dir.is_dir():
         raise DataError(
-            f"MNIST manual directory {manual_dir} does not exist or is not a directory; it should "
+            f"MNIST manual directory {missing_path(manual_dir)} does not exist or is not a directory; it should "
             f"hold {', '.join(FILE_NAMES)} (each may be gzipped, with .gz)."
         )
     for candidate in (manual_dir / f"{name}.gz", manual_dir / name):
@@ -182,12 +183,14 @@ class MnistIdx(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     # There is no such file: the sha256 check above replaces TFDS's checksums.
     code_path = None
 
-    def __init__(self, *, manual_dir: str | os.PathLike | None = None, **kwargs):
+    def __init__(self, *, manual_dir: str | os.PathLike | None = None, progress: bool = True, **kwargs):
+        self._progress = progress
         manual_dir = manual_dir or os.environ.get(MANUAL_DIR_ENV)
         self._manual_dir = Path(manual_dir).expanduser() if manual_dir else None
         mirrors = os.environ.get(MIRRORS_ENV, "")
         self._mirrors = tuple(m.strip() for m in mirrors.split(",") if m.strip()) or self.MIRRORS
         super().__init__(file_format="array_record", **kwargs)
+        self._final_data_dir = self.data_dir  # while it prepares, TFDS points data_dir at a temporary directory
 
     def _info(self) -> tfds.core.DatasetInfo:
         return LocalDatasetInfo(
@@ -208,7 +211,18 @@ class MnistIdx(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _split_generators(self, dl_manager):
         # Read and verify every file before TFDS writes anything, so a bad file fails fast.
         self.prepared_arrays = {split: self._load_split(split, dl_manager) for split in SPLIT_FILES}
+        if self._progress:
+            print(f"MNIST: the four IDX files are verified; preparing them in {self._final_data_dir} "
+                  "(once: later runs read it from there)", file=sys.stderr)
         return {split: self._generate_examples(*arrays) for split, arrays in self.prepared_arrays.items()}
+
+    def _log_download_bytes(self) -> None:
+        """Silent. TFDS would print "Downloading and preparing dataset Unknown size" on stdout before
+        this builder has read a file, so before the one-line error of a run that cannot get them;
+        _split_generators says what happens once the files are verified."""
+
+    def _log_download_done(self) -> None:
+        """Silent: the line _split_generators printed said it already, and TFDS's goes to stdout."""
 
     def _load_split(self, split: str, dl_manager) -> tuple[np.ndarray, np.ndarray]:
         n = self.NUM_EXAMPLES[split]
@@ -287,9 +301,23 @@ def exclusive_prepare(builder: tfds.core.DatasetBuilder):
         yield
 
 
+@contextlib.contextmanager
+def tfds_progress_bars_off():
+    """TFDS's own bars (splits, examples, shuffling) while it writes a few seconds' worth of records:
+    nested, and written with cursor escapes into logs. The builder prints one line instead."""
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    shown = getattr(tqdm_utils, "_active", True)  # TFDS has a setter but no getter: restored as it was
+    tfds.display_progress_bar(False)
+    try:
+        yield
+    finally:
+        tfds.display_progress_bar(shown)
+
+
 def load_builder(builder: tfds.core.DatasetBuilder) -> MnistArrays:
     """Prepares `builder` if it is not yet (once per data dir), then reads both splits."""
-    with exclusive_prepare(builder):
+    with exclusive_prepare(builder), tfds_progress_bars_off():
         builder.download_and_prepare()
     if not builder.info.splits:  # another process prepared it after this builder read its (empty) info
         builder.info.read_from_directory(builder.data_dir)
@@ -298,12 +326,13 @@ def load_builder(builder: tfds.core.DatasetBuilder) -> MnistArrays:
     return arrays
 
 
-def load_mnist(data_dir: str | None = None, manual_dir: str | None = None) -> MnistArrays:
+def load_mnist(data_dir: str | None = None, manual_dir: str | None = None, progress: bool = True) -> MnistArrays:
     """MNIST as numpy arrays in the original IDX order.
 
     data_dir: TFDS data directory (default: TFDS's own, which honours TFDS_DATA_DIR).
     manual_dir: directory holding the four IDX files, gzipped or not (default: the
     MNIST_FLAX_MANUAL_DIR environment variable, else download from public mirrors).
     Only the first call for a data_dir reads the IDX files; later calls reuse its dataset.
+    progress: one line on stderr when the dataset is prepared (nothing on later calls).
     """
-    return load_builder(MnistIdx(data_dir=data_dir, manual_dir=manual_dir))
+    return load_builder(MnistIdx(data_dir=data_dir, manual_dir=manual_dir, progress=progress))

@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         resumed, workdir = None, Path(args.output_dir or DEFAULT_OUTPUT_DIR)
     training.check_output_dir(workdir)
-    data = load_mnist(data_dir=args.data_dir, manual_dir=args.manual_dir)
+    data = load_mnist(data_dir=args.data_dir, manual_dir=args.manual_dir, progress=not args.no_progress)
     if stop.signal is not None:
         print("interrupted before training started; nothing to resume", file=sys.stderr)
         return EXIT_SIGNAL_BASE + stop.signal

@@ -91,6 +91,35 @@ def test_round_trip_keeps_values_and_order(tmp_path, gz):
     assert_arrays_equal(data.load_builder(builder), expected_arrays(files))
 
 
+@pytest.mark.parametrize("progress", [True, False], ids=["progress", "no-progress"])
+def test_preparing_says_one_line_or_nothing(tmp_path, capfd, progress):
+    """Not TFDS's "Downloading and preparing dataset Unknown size" and its bars: one line on stderr,
+    once the files are verified, where progress is wanted; nothing with --no-progress, and nothing
+    when the data is already prepared."""
+    files = tiny_idx_set()
+    manual = write_set(tmp_path / "manual", files)
+    cls = tiny_builder_cls(files)
+    builder = cls(data_dir=tmp_path / "tfds", manual_dir=manual, progress=progress)
+    data.load_builder(builder)
+    out, err = capfd.readouterr()
+    assert out == ""
+    if progress:
+        assert err == f"MNIST: the four IDX files are verified; preparing them in {builder.data_dir} " \
+                      "(once: later runs read it from there)\n"
+    else:
+        assert err == ""
+    data.load_builder(cls(data_dir=tmp_path / "tfds", manual_dir=manual, progress=progress))
+    assert capfd.readouterr() == ("", "")
+
+
+def test_a_failed_prepare_prints_nothing_before_its_error(tmp_path, capfd):
+    files = tiny_idx_set()
+    manual = write_set(tmp_path / "manual", {**files, "t10k-labels-idx1-ubyte": b"bad"})
+    with pytest.raises(DataError):
+        data.load_builder(tiny_builder_cls(files)(data_dir=tmp_path / "tfds", manual_dir=manual))
+    assert capfd.readouterr() == ("", "")
+
+
 def test_preparing_leaves_nothing_in_the_temporary_directory(tmp_path, monkeypatch):
     """TFDS's DatasetInfo.initialize_from_bucket makes a directory there before it looks for a
     dataset's info in its bucket, and leaves it behind; every prepare would leave one."""
