@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import tempfile
 import urllib.error
 import urllib.parse
@@ -300,12 +301,29 @@ def verify_checksum(ckpt: Path) -> None:
     sidecar.verify(ckpt, ckpt.read_bytes(), sidecar.read(ckpt), required=True)
 
 
+GH_TIMEOUT_S = 10.0
+
+
+def gh_auth_token() -> str | None:
+    """The token GitHub's CLI is logged in with (`gh auth token`), or None without gh or a login."""
+    gh = shutil.which("gh")
+    if gh is None:
+        return None
+    try:
+        result = subprocess.run([gh, "auth", "token"], capture_output=True, text=True, timeout=GH_TIMEOUT_S,
+                                stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    token = result.stdout.strip()
+    return token if result.returncode == 0 and token else None
+
+
 def _token(flag: str | None) -> str:
-    token = flag or os.environ.get("GITHUB_TOKEN") or os.environ.get("GH_TOKEN")
+    token = flag or os.environ.get("GITHUB_TOKEN") or os.environ.get("GH_TOKEN") or gh_auth_token()
     if not token:
         raise ArtifactError(
-            "no GitHub token: pass --token or set GITHUB_TOKEN / GH_TOKEN "
-            "(downloading artifacts needs one even from public repositories; `gh auth token` prints yours)"
+            "no GitHub token: pass --token or set GITHUB_TOKEN / GH_TOKEN, or log in to GitHub's CLI with "
+            "`gh auth login` (downloading artifacts needs a token even from public repositories)"
         )
     return token
 
@@ -318,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m mnist_flax.artifact", description=__doc__.splitlines()[0])
     p.add_argument("repo", help="GitHub repository as OWNER/REPO")
     p.add_argument("--dest", type=Path, help="where to unpack (default artifacts/downloaded/<artifact name>)")
-    p.add_argument("--token", help="GitHub token (default: $GITHUB_TOKEN, then $GH_TOKEN)")
+    p.add_argument("--token", help="GitHub token (default: $GITHUB_TOKEN, then $GH_TOKEN, then `gh auth token`)")
     p.add_argument("--name-prefix", default=DEFAULT_PREFIX, help="artifact name prefix (default %(default)s)")
     p.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per request (default %(default)s)")
     p.add_argument("--evaluate", action="store_true", help="also measure the checkpoint's test accuracy")

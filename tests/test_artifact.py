@@ -156,6 +156,9 @@ def gh(monkeypatch, tmp_path):
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     monkeypatch.setenv("MNIST_FLAX_GITHUB_API", server.gh.base)
     monkeypatch.setenv("GITHUB_TOKEN", TOKEN)
+    no_gh = tmp_path / "bin"  # the only gh found is the one a test puts here: not the user's
+    no_gh.mkdir()
+    monkeypatch.setenv("PATH", str(no_gh))
     monkeypatch.chdir(tmp_path)
     yield server.gh
     server.shutdown()
@@ -201,6 +204,27 @@ def test_default_dest_and_gh_token_fallback(gh, capsys, tmp_path, monkeypatch):
     code, out, _ = cli(capsys, REPO)
     assert code == 0
     assert (tmp_path / "artifacts/downloaded/mnist-flax-model-acc98.57" / f"{STEM}.msgpack").exists()
+
+
+def fake_gh(tmp_path, script: str) -> None:
+    """A `gh` on the tests' PATH that runs `script` (sh) for `gh auth token`."""
+    path = tmp_path / "bin" / "gh"
+    path.write_text(f'#!/bin/sh\n[ "$1 $2" = "auth token" ] || exit 64\n{script}\n')
+    path.chmod(0o755)
+
+
+def test_the_token_of_a_logged_in_gh_is_used(gh, capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("GITHUB_TOKEN")
+    fake_gh(tmp_path, f"echo {TOKEN}")
+    gh.pages = [[gh.artifact(7, "mnist-flax-model-acc98.57", "2024-05-01T12:05:00Z")]]
+    assert cli(capsys, REPO, "--dest", "d")[0] == 0
+
+
+def test_a_gh_that_is_not_logged_in_means_no_token(gh, capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("GITHUB_TOKEN")
+    fake_gh(tmp_path, "echo 'no oauth token found for github.com' >&2; exit 1")
+    failed(capsys, REPO, expect="no GitHub token: pass --token or set GITHUB_TOKEN / GH_TOKEN, or log in to "
+                                "GitHub's CLI with `gh auth login`")
 
 
 def test_token_flag_wins_over_env(gh, capsys, monkeypatch):
