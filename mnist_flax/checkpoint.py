@@ -15,6 +15,7 @@ sidecars, runs without them.
 
 import datetime as dt
 import functools
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from mnist_flax import sidecar
 from mnist_flax.atomic import atomic_write_bytes
-from mnist_flax.errors import CheckpointError
+from mnist_flax.errors import CheckpointError, missing_path
 
 SUFFIX = ".msgpack"
 GLOB = "mnist_flax_*" + SUFFIX
@@ -49,10 +50,16 @@ def find(path: str | Path) -> Path:
         # mtimes, which copying or downloading an artifact resets.
         found = sorted(path.glob(GLOB))
         if not found:
-            raise CheckpointError(f"{path}: no {GLOB} in this directory; {TRAIN_HINT} --output-dir DIR")
+            raise CheckpointError(f"{path}: no {GLOB} in this directory; train one there with "
+                                  f"`python -m mnist_flax.train --output-dir {shlex.quote(str(path))}`")
         return found[-1]
     if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint or directory; {TRAIN_HINT}")
+        raise CheckpointError(f"{missing_path(path)}: no such checkpoint or directory; {TRAIN_HINT}")
+    if path.suffix == sidecar.SUFFIX:
+        weights = path.with_suffix(SUFFIX)
+        beside = "" if weights.is_file() else ", which is not beside it"
+        raise CheckpointError(f"{path} is a checkpoint's sidecar (its metadata), not the checkpoint; "
+                              f"give the {SUFFIX} it describes: {weights}{beside}")
     return path
 
 
@@ -100,7 +107,7 @@ def read_checkpoint_bytes(path: str | Path, missing: str = f"no such checkpoint;
     """The file's bytes, refusing anything far larger than the model's weights (~40 KB) could be."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: {missing}")
+        raise CheckpointError(f"{missing_path(path)}: {missing}")
     if not path.is_file():
         raise CheckpointError(f"{path}: not a file")
     size = path.stat().st_size

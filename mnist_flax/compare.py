@@ -1,7 +1,7 @@
 """Command line: this run's model beside a baseline's, as Markdown, failing on a regression.
 
-    python -m mnist_flax.compare RUN_DIR BASELINE_DIR [--max-drop 0.5]
-    python -m mnist_flax.compare RUN_DIR --no-baseline REASON
+    python -m mnist_flax.compare RUN_DIR BASELINE_DIR [--max-drop 0.5] [--baseline-name TEXT]
+    python -m mnist_flax.compare RUN_DIR --no-baseline REASON [--baseline-name TEXT]
 
 Prints the test accuracy, the accuracy of each digit and the parameter count of both
 models with the differences, read from their sidecars (the checkpoints' sha256 must match).
@@ -43,8 +43,12 @@ def _change(new, old) -> str:
     return f"{100 * (new - old):+.2f} pp"
 
 
-def markdown(current: dict, baseline: dict, baseline_name: str) -> str:
-    lines = ["### Against the default branch's model", "", f"Baseline: `{baseline_name}`", "",
+def heading(baseline_name: str) -> str:
+    return f"### Against {baseline_name}"
+
+
+def markdown(current: dict, baseline: dict, baseline_name: str, baseline_file: str) -> str:
+    lines = [heading(baseline_name), "", f"Baseline: `{baseline_file}`", "",
              "| | this run | baseline | change |", "|:--|--:|--:|--:|",
              f"| **test accuracy** | {_points(current['test_accuracy'])} | {_points(baseline['test_accuracy'])} | "
              f"**{_change(current['test_accuracy'], baseline['test_accuracy'])}** |"]
@@ -72,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("run", metavar="RUN_DIR", help="the run's output directory (or checkpoint)")
     p.add_argument("baseline", metavar="BASELINE_DIR", nargs="?", help="the baseline's directory (or checkpoint)")
     p.add_argument("--no-baseline", metavar="REASON", help="there is no baseline; say why in the summary")
+    p.add_argument("--baseline-name", metavar="TEXT",
+                   help="what the baseline is, for the heading (default: its directory; CI: the default branch's model)")
     p.add_argument("--max-drop", type=float, default=MAX_DROP,
                    help="fail when test accuracy falls by more percentage points (default %(default)s)")
     cli.add_debug_flag(p)
@@ -82,10 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise cli.UsageError(f"--max-drop must be >= 0, got {args.max_drop}")
     _, current = run_record(args.run)
     if args.no_baseline is not None:
-        sys.stdout.write(f"### Against the default branch's model\n\nNo baseline: {args.no_baseline}.\n")
+        sys.stdout.write(f"{heading(args.baseline_name or 'a baseline')}\n\nNo baseline: {args.no_baseline}.\n")
         return 0
     path, baseline = run_record(args.baseline)
-    sys.stdout.write(markdown(current, baseline, path.name))
+    sys.stdout.write(markdown(current, baseline, args.baseline_name or f"`{args.baseline}`", path.name))
     problem = regression(current, baseline, args.max_drop)
     if problem:
         sys.stdout.write(f"\n**Regression:** {problem}.\n")

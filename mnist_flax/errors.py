@@ -4,6 +4,9 @@ Command-line entry points catch `MnistFlaxError` and print its message on one
 line (no traceback); anything else is a bug and keeps its traceback.
 """
 
+import os
+from pathlib import Path
+
 
 class MnistFlaxError(Exception):
     """Base class for expected failures (bad input, missing data, bad files)."""
@@ -24,3 +27,10 @@ class ImageError(MnistFlaxError):
 def brief(value) -> str:
     """A value as it may appear in a one-line message: an array's repr spans lines and can be long."""
     return " ".join(repr(value).split())[:80]
+
+
+def missing_path(path: str | os.PathLike) -> str:
+    """A path that was not found, as a message names it: a relative one says where it was looked for,
+    since the command may run in another directory than the one the user thinks of."""
+    path = Path(path)
+    return str(path) if path.is_absolute() else f"{path} (taken from the current directory, {Path.cwd()})"

@@ -44,7 +44,7 @@ from mnist_flax import __version__, checkpoint, cli, sidecar
 from mnist_flax import config as config_lib
 from mnist_flax.atomic import atomic_write_bytes
 from mnist_flax.config import IMAGE_SHAPE
-from mnist_flax.errors import CheckpointError, MnistFlaxError
+from mnist_flax.errors import CheckpointError, MnistFlaxError, missing_path
 
 if TYPE_CHECKING:
     import jax
@@ -426,8 +426,10 @@ def import_weights(path: str | Path, output: str | Path) -> Path:
 
 def check_output_dir(output: Path) -> None:
     if not output.parent.is_dir():
-        problem = "is not a directory" if output.parent.exists() else "does not exist"
-        raise cli.UsageError(f"-o {output}: {output.parent} {problem}; create the directory or choose another -o")
+        exists = output.parent.exists()
+        parent = output.parent if exists else missing_path(output.parent)
+        raise cli.UsageError(f"-o {output}: {parent} {'is not a directory' if exists else 'does not exist'}; "
+                             "create the directory or choose another -o")
     if output.is_dir():
         raise cli.UsageError(f"-o {output} is a directory; give a file name")
 

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mnist_flax import checkpoint, cli
-from mnist_flax.errors import ImageError
+from mnist_flax.errors import ImageError, missing_path
 
 FORMATS = ["PNG", "JPEG"]
 MAX_PIXELS = 50_000_000  # a 50-megapixel photo is plenty for one digit
@@ -65,7 +65,7 @@ def read_grayscale(source: str | Path | BinaryIO, name: str | None = None) -> np
                 return flatten_alpha(np.asarray(im.convert("RGBA").convert("LA"), np.float32))
             return np.asarray(im.convert("L"), np.uint8)
     except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
+        raise ImageError(f"{missing_path(path)}: no such file") from None
     except IsADirectoryError:
         raise ImageError(f"{path}: is a directory") from None
     except UnidentifiedImageError:
@@ -138,10 +138,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = cli.ArgumentParser(prog="python -m mnist_flax.predict", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", metavar="CHECKPOINT_OR_DIR", help="a .msgpack written by mnist_flax.train "
                    "(or export --from-torch), or a directory (its newest one is used)")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files, one digit each")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="PNG or JPEG files, one digit each")
     p.add_argument("--json", action="store_true", help="print one JSON list instead of one line per file")
     cli.add_debug_flag(p)
     args = p.parse_args(argv)
+    if not args.images:  # argparse's own message would not say which argument is missing: the image, or the checkpoint
+        raise cli.UsageError(f"no IMAGE given: the first argument is the checkpoint (or a directory of them), "
+                             f"the images come after it: {p.prog} CHECKPOINT_OR_DIR IMAGE [IMAGE ...]")
     variables, _ = checkpoint.load_checkpoint(args.checkpoint)  # a file that is no checkpoint: refused before JAX
     files, prepared, failures = [], [], 0
     for path in args.images:

@@ -112,11 +112,15 @@ CASES = [
          "no resume state here"),
     Case("train", "--resume a PNG", lambda s: _train("--resume", str(s.png))(s), 1, "not an mnist_flax resume state"),
     Case("evaluate", "missing checkpoint", lambda s: [str(s.root / "nope.msgpack")], 1, "no such checkpoint"),
+    Case("evaluate", "a relative path that does not exist", lambda s: ["no-such-run"], 1,
+         "taken from the current directory"),
+    Case("evaluate", "the sidecar (.json) instead of its checkpoint", lambda s: [str(s.checkpoint.with_suffix(".json"))],
+         1, "is a checkpoint's sidecar (its metadata), not the checkpoint; give the .msgpack it describes"),
     Case("evaluate", "a PNG as checkpoint", lambda s: [str(s.png)], 1, "wrong file type"),
     Case("evaluate", "PyTorch weights (.safetensors) as checkpoint", lambda s: [str(s.safetensors)], 1,
          "export --from-torch"),
     Case("evaluate", "a directory without checkpoints", lambda s: [str(s.root / "mnist-missing")], 1,
-         "no mnist_flax_*.msgpack in this directory"),
+         "no mnist_flax_*.msgpack in this directory; train one there with `python -m mnist_flax.train --output-dir "),
     Case("evaluate", "a text file as checkpoint", lambda s: [str(s.text)], 1, "wrong file type"),
     Case("evaluate", "a truncated checkpoint", lambda s: [str(s.corrupt_checkpoint)], 1, "corrupt msgpack data"),
     Case("evaluate", "a checkpoint that does not match its sidecar's sha256",
@@ -148,7 +152,8 @@ CASES = [
     Case("predict", "a text file as the image", lambda s: [str(s.checkpoint), str(s.text)], 1,
          "not a readable PNG or JPEG"),
     Case("predict", "a missing image", lambda s: [str(s.checkpoint), str(s.root / "nope.png")], 1, "no such file"),
-    Case("predict", "no IMAGE argument", lambda s: [str(s.checkpoint)], 2, "required: IMAGE"),
+    Case("predict", "no IMAGE argument", lambda s: [str(s.checkpoint)], 2, "the first argument is the checkpoint"),
+    Case("predict", "an image but no checkpoint", lambda s: [str(s.png)], 2, "the first argument is the checkpoint"),
     Case("export", "--format onnx with a truncated checkpoint",
          lambda s: [str(s.corrupt_checkpoint), "--format", "onnx"], 1, "corrupt msgpack data"),
     Case("serve", "missing checkpoint", lambda s: [str(s.root / "nope.msgpack")], 1, "no such checkpoint"),
@@ -156,7 +161,8 @@ CASES = [
     Case("serve", "--port 70000", lambda s: [str(s.checkpoint), "--port", "70000"], 2, "not a port number"),
     Case("serve", "--host this machine does not have", lambda s: [str(s.checkpoint), "--host", "192.0.2.1"], 1,
          "cannot listen on 192.0.2.1"),
-    Case("artifact", "no GitHub token", lambda s: ["owner/repo"], 1, "no GitHub token"),
+    Case("artifact", "no GitHub token", lambda s: ["owner/repo"], 1, "no GitHub token",
+         lambda s: {"PATH": str(s.root / "no-gh")}),  # nor GitHub's CLI, whose token it would ask for
     Case("artifact", "not OWNER/REPO", lambda s: ["not-a-repo"], 2, "OWNER/REPO"),
     Case("artifact", "--timeout 0", lambda s: ["owner/repo", "--timeout", "0"], 2, "--timeout must be > 0"),
 ]
@@ -287,7 +293,7 @@ def message_lines(stderr: str) -> list[str]:
 def markdown(rows: list[tuple[Case, Result]], scene: Scene) -> str:
     def clean(text: str) -> str:
         text = text.replace(str(scene.root), "$TMP").replace(str(scene.mnist.resolve()), "$MNIST")
-        return text.replace(str(scene.mnist), "$MNIST").replace("|", "\\|")
+        return text.replace(str(scene.mnist), "$MNIST").replace(str(REPO), "$REPO").replace("|", "\\|")
 
     lines = [
         "# Error messages",
@@ -298,7 +304,7 @@ def markdown(rows: list[tuple[Case, Result]], scene: Scene) -> str:
         "runs each case as a real subprocess with no GitHub token, no `$MNIST_FLAX_MANUAL_DIR`",
         "and an empty `$TFDS_DATA_DIR` (\"no network\": every request goes to a closed local port);",
         "`tests/test_cli_errors.py` checks the same cases. `$TMP` is the scratch directory the bad",
-        "inputs were written to.",
+        "inputs were written to, `$REPO` the repository root the commands ran in.",
         "",
         "| command | bad input | message (stderr) | exit |",
         "|---|---|---|---|",

@@ -52,6 +52,7 @@ def test_bad_input_gives_one_helpful_line(scene, case):
     result = (error_table.run_subprocess if in_subprocess else error_table.run_in_process)(case, scene)
     lines = error_table.message_lines(result.stderr)
     assert "Traceback" not in result.stderr, result.stderr
+    assert "Downloading and preparing" not in result.stdout  # TFDS's announcement, before the files are read
     assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
     assert lines[0].startswith("mnist_flax: usage error: " if case.code == cli.EXIT_USAGE else "mnist_flax: error: ")
     assert case.phrase.lower() in lines[0].lower(), lines[0]

@@ -57,6 +57,7 @@ def test_summary_shows_both_models_and_the_differences(tmp_path, baseline, capsy
     save_run(tmp_path / "run", 0.9861, digits)
     code, out, err = compare_cli(capsys, tmp_path / "run", baseline)
     assert (code, err) == (0, "")
+    assert out.startswith(f"### Against `{baseline}`\n")  # two local folders: named by the baseline's
     assert "| **test accuracy** | 98.61% | 98.54% | **+0.07 pp** |" in out
     assert "| digit 9 | 97.10% | 97.00% | +0.10 pp |" in out
     assert "| parameters | 8,954 | 8,954 | +0 |" in out
@@ -78,7 +79,18 @@ def test_no_baseline_says_why_and_passes(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     save_run(tmp_path / "run", 0.9854)
     code, out, _ = compare_cli(capsys, tmp_path / "run", "--no-baseline", "offline run")
-    assert code == 0 and "No baseline: offline run." in out
+    assert code == 0 and "No baseline: offline run." in out and out.startswith("### Against a baseline\n")
+
+
+def test_the_heading_says_what_the_baseline_is(tmp_path, baseline, capsys):
+    """CI names the default branch's model; the heading says so only when told."""
+    (tmp_path / "run").mkdir()
+    save_run(tmp_path / "run", 0.9854)
+    name = ("--baseline-name", "the default branch's model")
+    assert compare_cli(capsys, tmp_path / "run", baseline, *name)[1].startswith(
+        "### Against the default branch's model\n\nBaseline: `mnist_flax_")
+    assert compare_cli(capsys, tmp_path / "run", "--no-baseline", "offline", *name)[1] == \
+        "### Against the default branch's model\n\nNo baseline: offline.\n"
 
 
 def test_a_tampered_baseline_is_refused(tmp_path, baseline, capsys):
