@@ -10,7 +10,7 @@ import pytest
 from mnist_flax import config as config_lib
 
 REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
-ACCURACY_GATE = 0.97  # the original's gate was 0.80; this network reaches ~0.985 in one epoch
+ACCURACY_GATE = 0.98  # the original's gate was 0.80; the README states this one for seed 0
 
 
 def run_module(module, *args, timeout=900):

@@ -7,12 +7,13 @@ import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, TORCH_INSTALL, require_installed
+from conftest import REPO, TEST_CACHE_ENV, TORCH_INSTALL, require_installed
 from mnist_flax import sidecar
 
 README = (REPO / "README.md").read_text()
@@ -97,14 +98,58 @@ def test_onnx_snippet_runs_as_written(tmp_path, trained_checkpoint, mnist_data_d
     assert out.strip() == f"test accuracy in onnxruntime: {accuracy:.2%}"
 
 
-def test_serve_curl_command_answers(tmp_path, served_url, test_set):
-    """The README's curl command, against the served trained model, with a real 7 as seven.png."""
+def test_serve_curl_command_answers(served_url):
+    """The README's curl command, from the repository root, against the served trained model."""
     curl = next(cmd for cmd in shell_commands() if cmd.startswith("curl"))
     assert "http://127.0.0.1:8000/" in curl  # the default --port; the test's server has a free one
-    images, labels = test_set
-    index = int(np.flatnonzero(labels == 7)[0])
-    Image.fromarray(images[index, :, :, 0]).save(tmp_path / "seven.png")
     argv = shlex.split(curl.replace("http://127.0.0.1:8000/", served_url))
-    result = subprocess.run(argv + ["--silent", "--fail"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(argv + ["--silent", "--fail"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["digit"] == 7
+
+
+def test_the_shipped_seven_is_the_first_mnist_test_digit(test_set):
+    images, labels = test_set
+    np.testing.assert_array_equal(np.asarray(Image.open(REPO / "docs" / "seven.png")), images[0, :, :, 0])
+    assert labels[0] == 7
+
+
+def test_predict_command_runs_as_written(tmp_path, trained_checkpoint):
+    """From a checkout where `model` holds a downloaded model: the README's predict line reads a 7."""
+    predict = next(cmd for cmd in shell_commands() if cmd.startswith("python -m mnist_flax.predict model"))
+    (tmp_path / "model").mkdir()
+    for path in (trained_checkpoint, sidecar.path_for(trained_checkpoint)):
+        shutil.copy(path, tmp_path / "model")
+    (tmp_path / "docs").mkdir()
+    shutil.copy(REPO / "docs" / "seven.png", tmp_path / "docs")
+    result = subprocess.run([sys.executable, *shlex.split(predict)[1:]], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.fullmatch(r"docs/seven\.png: digit 7 \(p=[01]\.\d{3}\)\n", result.stdout), result.stdout
+
+
+def test_the_accuracy_it_states_is_the_end_to_end_tests_gate():
+    from test_end_to_end import ACCURACY_GATE
+    assert f"above {ACCURACY_GATE:.0%} with seed 0" in " ".join(README.split())
+    assert not re.search(r"\b9\d\.\d\d%", README)  # no figure that only one CPU gives
+
+
+def test_the_data_and_caches_it_names_are_where_they_go(tmp_path):
+    """`rm -r` of the README's paths removes the prepared MNIST and every compilation cache, the tests' too."""
+    [rm] = re.findall(r"`(rm -r [^`]+)`", " ".join(README.split()))
+    removed = [tmp_path / p.removeprefix("~/") for p in shlex.split(rm)[2:]]
+    env = {k: v for k, v in os.environ.items() if k not in ("TFDS_DATA_DIR", "XDG_CACHE_HOME", TEST_CACHE_ENV)}
+    code = ("import conftest; from mnist_flax import data, runtime; print(data.MnistIdx().data_dir); "
+            "print(runtime.default_compilation_cache_dir()); print(conftest.tests_compilation_cache_dir())")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**env, "HOME": str(tmp_path), "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    made = list(map(Path, result.stdout.split()))
+    assert len(made) == 3, result.stdout
+    for made in made:
+        assert any(made.is_relative_to(r) for r in removed), (made, removed)
+
+
+def test_the_license_pyproject_declares_is_there():
+    assert 'license = "MIT"' in (REPO / "pyproject.toml").read_text()
+    assert (REPO / "LICENSE").read_text().startswith("MIT License")
