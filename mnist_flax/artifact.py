@@ -27,9 +27,9 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from mnist_flax import sidecar
-from mnist_flax.cli import ArgumentParser, UsageError, add_debug_flag, exit_process, run_main
-from mnist_flax.errors import MnistFlaxError
+from mnist_flax import cli, sidecar
+from mnist_flax.cli import ArgumentParser, add_debug_flag
+from mnist_flax.errors import MnistFlaxError, UsageError
 
 DEFAULT_API = "https://api.github.com"
 DEFAULT_PREFIX = "mnist-flax-model"
@@ -380,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run() -> None:
-    exit_process(run_main(main))
+    cli.run(main)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from mnist_flax.cli import RUN_ONCE_COMPILER_OPTIONS
+from mnist_flax.runtime import RUN_ONCE_COMPILER_OPTIONS
 from mnist_flax.config import num_batches
 
 
@@ -40,7 +40,7 @@ def epoch_order(key: jax.Array, epoch: int, num_examples: int, batch_size: int) 
 
 @functools.partial(jax.jit, static_argnums=2, compiler_options=RUN_ONCE_COMPILER_OPTIONS)
 def _permutation(key: jax.Array, epoch: int, num_examples: int) -> jax.Array:
-    # One program, compiled for a quick start (cli.py); op by op, the fold-in and the shuffle are
+    # One program, compiled for a quick start (runtime.py); op by op, the fold-in and the shuffle are
     # four programs. A permutation is integers, so the options do not change it.
     return jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
 

@@ -12,6 +12,10 @@ class MnistFlaxError(Exception):
     """Base class for expected failures (bad input, missing data, bad files)."""
 
 
+class UsageError(MnistFlaxError):
+    """A flag value that parsed but makes no sense (batch size 0, say): exit status 2."""
+
+
 class DataError(MnistFlaxError):
     """MNIST is missing, corrupt, or cannot be downloaded."""
 

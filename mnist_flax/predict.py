@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run() -> None:
-    cli.exit_process(cli.run_main(main))
+    cli.run(main)
 
 
 if __name__ == "__main__":

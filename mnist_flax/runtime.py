@@ -1,35 +1,80 @@
-"""The process's runtime: the compilation cache, devices and hosts (XLA flags and malloc: cli.py).
+"""The process, set up before JAX computes: XLA's flags and compiler options, the allocator, the
+compilation cache, and the exit that skips the interpreter's teardown.
 
-Data parallelism: each batch is split over devices on a 1-D mesh, parameters replicated.
-The same code runs on one CPU, on several CPU "host devices" (XLA splits the
-machine's cores between them), on GPUs or TPUs, and across hosts after
-`jax.distributed.initialize()`. The step is the ordinary `train_step`; the
-shardings tell XLA where the data lives, and it inserts the all-reduces, so
-BatchNorm statistics and the loss are still over the whole batch.
+Every command runs `set_up_process` first (cli.run_main), and so do the scripts and tests that
+compute in-process as the commands do. Nothing here imports JAX at module level: a command's
+`--help` and its bad flags answer without it.
 """
 
+import atexit
+import ctypes
 import os
+import sys
+import threading
+from typing import NoReturn
 
-import jax
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+# XLA:CPU runs small convolutions' weight gradients (a 24x24-window convolution for conv2)
+# much faster through Eigen than through YNNPACK, its default. LLVM's -O2 instead of -O3 cuts
+# the four-step program's compile by 40% and compiles the same arithmetic: the epoch's
+# checkpoint is byte-identical and the step no slower. docs/performance.md has both.
+CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
+                 "--xla_backend_optimization_level=2")
 
-from mnist_flax.batches import Batch
-from mnist_flax.errors import MnistFlaxError
 
-BATCH_AXIS = "batch"
+# Programs that run once per process over a few thousand numbers (the init, the data order):
+# their compile, not their run, is what a first run waits for. Unoptimised and through XLA's
+# older fusion emitters, the init program (threefry rounds) compiles in 0.4 s instead of 1.0 s
+# and still runs in about a millisecond. Not for the step: it would compile faster but run
+# slower. These programs are integer arithmetic and exact float steps, so their numbers do not
+# depend on the options (tests/test_step.py compares them with the default compile).
+RUN_ONCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 
-def configure(count: int = 0) -> None:
-    """On CPU, runs as `count` host devices (0: JAX's default, one); call before JAX first computes.
 
-    The XLA flags and the allocator's settings come before this, from `cli.run_main`,
-    which every command runs first.
+def add_xla_flags() -> None:
+    """Adds the project's XLA flags to $XLA_FLAGS unless it names them already.
+
+    Every command sets them before JAX starts (set_up_process), so that training, evaluation
+    and prediction run the same kernels and agree on every prediction.
     """
-    if count > 1:
-        try:
-            jax.config.update("jax_num_cpu_devices", count)
-        except RuntimeError as e:  # JAX already started its backends; too late to split the CPU
-            raise MnistFlaxError(f"cannot set {count} CPU devices now: {e}") from None
+    flags = os.environ.get("XLA_FLAGS", "")
+    for flag in CPU_XLA_FLAGS:
+        if flag.split("=")[0] not in flags:
+            flags = f"{flags} {flag}".strip()
+    os.environ["XLA_FLAGS"] = flags
+
+
+# mallopt(3) parameter numbers, from glibc's <malloc.h>.
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def keep_freed_memory() -> bool:
+    """Makes glibc's malloc keep freed large blocks mapped instead of returning them to the kernel.
+
+    XLA:CPU allocates the temporaries of each call of a compiled program as one block of tens
+    of MiB and frees it after the call. glibc serves a block that large with mmap, or from a
+    new per-thread heap that it unmaps as soon as it is empty, so every call would page-fault
+    the whole block back in (docs/performance.md). A 64 MiB mmap threshold, a 1 GiB trim
+    threshold and a 64 MiB top pad (glibc keeps an emptied heap when the one before it has
+    less room than that) keep it mapped. A single arena would too, but its lock is contended.
+    Every command sets them (set_up_process): the training step and the evaluation of the test set
+    in batches of 1,000 both allocate such blocks on every call.
+    Returns False where the C library has no mallopt (macOS) or ignores it (musl).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    settings = ((_M_MMAP_THRESHOLD, 64 << 20), (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 64 << 20))
+    return all([mallopt(parameter, value) == 1 for parameter, value in settings])
+
+
+def set_up_process() -> None:
+    """What every command sets before JAX computes: the XLA flags and the allocator's settings.
+
+    run_main calls it; scripts and tests that compute in-process as the commands do call it too.
+    """
+    add_xla_flags()
+    keep_freed_memory()
 
 
 COMPILATION_CACHE_ENV = "MNIST_FLAX_COMPILATION_CACHE"
@@ -50,6 +95,8 @@ def enable_compilation_cache() -> str | None:
     A cached program is the one XLA would compile (the key covers the HLO, the flags
     and the jaxlib version), so results, and resumed runs, are unchanged.
     """
+    import jax
+
     path = os.environ.get(COMPILATION_CACHE_ENV)
     if path is None:
         path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or default_compilation_cache_dir()
@@ -61,69 +108,25 @@ def enable_compilation_cache() -> str | None:
     return path
 
 
-def initialize_distributed() -> None:
-    """Joins a multi-host run: one process per host.
+def exit_process(code: int) -> NoReturn:
+    """Ends a command that has finished its work: sys.exit(code) without the interpreter's teardown.
 
-    On Cloud TPU, SLURM and similar, JAX finds its peers itself. Elsewhere set
-    JAX_COORDINATOR_ADDRESS (host:port of process 0), and JAX_NUM_PROCESSES and
-    JAX_PROCESS_ID, which this reads because jax.distributed.initialize does not.
+    Tearing down frees every module and each of jaxlib's compiled programs one by one (its cost
+    after a training run is in docs/performance.md), for memory the OS takes back at once.
+    What an exit must do still happens: the atexit handlers run and both standard streams are
+    flushed. While another non-daemon thread runs, it exits the ordinary way, which waits for it.
     """
-    def env_int(name):
-        value = os.environ.get(name)
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    flush_standard_streams()
+    os._exit(code)
+
+
+def flush_standard_streams() -> None:
+    """Flushes stdout and stderr before an `os._exit`, which would drop what they buffer."""
+    for stream in (sys.stdout, sys.stderr):
         try:
-            return None if value is None else int(value)
-        except ValueError:
-            raise MnistFlaxError(f"{name}={value!r} is not a whole number") from None
-
-    jax.distributed.initialize(num_processes=env_int("JAX_NUM_PROCESSES"), process_id=env_int("JAX_PROCESS_ID"))
-
-
-# Devices per backend when --devices is not given (0: all): one on CPU, where splitting the
-# cores into host devices adds all-reduces and gains nothing (docs/performance.md).
-DEFAULT_DEVICES = {"cpu": 1}
-
-
-def default_device_count() -> int:
-    if jax.process_count() > 1:
-        return 0
-    return DEFAULT_DEVICES.get(jax.default_backend(), 0)
-
-
-def make_mesh(count: int = 0) -> Mesh:
-    """A mesh over the first `count` devices (0: all of them)."""
-    available = jax.devices()
-    count = count or len(available)
-    if count > len(available):
-        raise MnistFlaxError(f"--devices {count} asked for, but JAX sees {len(available)} "
-                             f"({jax.default_backend()}); on CPU set it before anything else runs")
-    return Mesh(np.array(available[:count]), (BATCH_AXIS,))
-
-
-def check_batch_size(batch_size: int, mesh: Mesh) -> None:
-    if batch_size % mesh.size:
-        raise MnistFlaxError(f"batch size {batch_size} does not split evenly over {mesh.size} devices; "
-                             "choose --devices that divides it")
-
-
-def replicate(tree, mesh: Mesh):
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
-
-
-def batch_sharder(mesh: Mesh):
-    """Host batches stacked by step (steps, batch, ...) -> global arrays split along the batch axis.
-
-    On many hosts each process passes the whole global batch and places its own part.
-    """
-    sharding = NamedSharding(mesh, PartitionSpec(None, BATCH_AXIS))
-    if mesh.size == 1 and jax.process_count() == 1:
-        return lambda batches: batches  # one device: plain arrays, the same program as without a mesh
-
-    def shard(batches: Batch) -> Batch:
-        rows = batches.labels.shape[1]
-        per_process = rows // jax.process_count()
-        local = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
-        return jax.tree.map(
-            lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)[:, local], x.shape),
-            batches)
-
-    return shard
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away, or a closed stream: nothing to save
+            pass

@@ -17,7 +17,7 @@ import optax
 from flax.training import train_state
 
 from mnist_flax import ops, optim
-from mnist_flax.cli import RUN_ONCE_COMPILER_OPTIONS
+from mnist_flax.runtime import RUN_ONCE_COMPILER_OPTIONS
 from mnist_flax.config import NUM_CLASSES, Config
 from mnist_flax.batches import Batch
 from mnist_flax.model import CNN, init_variables

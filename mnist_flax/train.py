@@ -97,16 +97,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     # --help and a bad flag need not wait for.
     import jax
 
-    from mnist_flax import plots, resume, runtime, training
+    from mnist_flax import parallel, plots, resume, runtime, training
     from mnist_flax.data import load_mnist
 
     # Signals become a flag from here on: interrupting the data loader's threads can crash
     # the interpreter, and a signal during training must let the current call finish.
     stop = training.StopRequest().install()
-    runtime.configure(args.devices)
+    parallel.configure(args.devices)
     runtime.enable_compilation_cache()
     if args.distributed:
-        runtime.initialize_distributed()
+        parallel.initialize_distributed()
     # The resume state and the output directory are checked before MNIST is loaded, so that
     # a bad flag or file fails at once.
     if args.resume:
@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run() -> None:
-    cli.exit_process(cli.run_main(main))
+    cli.run(main)
 
 
 if __name__ == "__main__":

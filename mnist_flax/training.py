@@ -16,11 +16,11 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from mnist_flax import batches, checkpoint, cli, loop, metrics_log, optim, plots, report, resume, runtime, step
+from mnist_flax import batches, checkpoint, loop, metrics_log, optim, parallel, plots, report, resume, step
 from mnist_flax.atomic import remove_stale_temporaries
 from mnist_flax.config import Config
 from mnist_flax.data import MnistArrays
-from mnist_flax.errors import MnistFlaxError
+from mnist_flax.errors import MnistFlaxError, UsageError
 from mnist_flax.model import count_params, format_parameter_table
 
 PROGRESS_EVERY = 10  # steps between progress-bar refreshes
@@ -31,7 +31,7 @@ MIN_FREE_BYTES = 1_000_000  # a checkpoint's size, with room
 class RunOptions:
     """How to run, as opposed to what to train (Config): none of these change the result."""
 
-    devices: int = 0  # split each batch over this many devices; 0: runtime.default_device_count()
+    devices: int = 0  # split each batch over this many devices; 0: parallel.default_device_count()
     checkpoint_every: int = 0  # also save the resume state every N steps; 0: only when interrupted
     progress: bool = True
     plots: bool = True
@@ -135,14 +135,14 @@ def train_and_evaluate(config: Config, workdir: str | Path, data: MnistArrays, *
     workdir, stop = Path(workdir), stop or StopRequest()
     state, position = resumed or (step.create_train_state(config), loop.Position())
     if config.train_examples > len(data.train_images):
-        raise cli.UsageError(f"--train-examples {config.train_examples} is more than the "
+        raise UsageError(f"--train-examples {config.train_examples} is more than the "
                              f"{len(data.train_images):,} training examples")
     count = config.train_examples or len(data.train_images)
     images, labels = data.train_images[:count], data.train_labels[:count]
-    mesh = runtime.make_mesh(options.devices or runtime.default_device_count())
-    runtime.check_batch_size(config.batch_size, mesh)
-    state = runtime.replicate(state, mesh)
-    epoch_batches = batch_source(config, images, labels, runtime.batch_sharder(mesh))
+    mesh = parallel.make_mesh(options.devices or parallel.default_device_count())
+    parallel.check_batch_size(config.batch_size, mesh)
+    state = parallel.replicate(state, mesh)
+    epoch_batches = batch_source(config, images, labels, parallel.batch_sharder(mesh))
     primary = jax.process_index() == 0  # on many hosts, one process writes the files
     if primary:
         workdir.mkdir(parents=True, exist_ok=True)

@@ -130,8 +130,8 @@ def table(client) -> str:
 def main() -> int:
     from fastapi.testclient import TestClient
 
-    from mnist_flax import checkpoint, cli
-    cli.add_xla_flags()
+    from mnist_flax import checkpoint, runtime
+    runtime.add_xla_flags()
     path = checkpoint.find(sys.argv[1])
     variables, record = checkpoint.load_checkpoint(path)
     with TestClient(api.create_app(variables, api.describe(path, record, variables))) as client:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mnist_flax import cli, runtime  # noqa: E402
+from mnist_flax import parallel, runtime  # noqa: E402
 from mnist_flax import config as config_lib  # noqa: E402
 
 
@@ -45,8 +45,8 @@ def main() -> None:
     config = config_lib.resolve(batch_size=a.batch_size, steps_per_call=a.steps_per_call, ops=a.ops)
     if a.warmup + a.steps > config.steps_per_epoch():
         p.error(f"--warmup + --steps must fit in one epoch ({config.steps_per_epoch()} steps of {a.batch_size})")
-    cli.set_up_process()  # before JAX computes anything, as every command does
-    runtime.configure(a.devices)
+    runtime.set_up_process()  # before JAX computes anything, as every command does
+    parallel.configure(a.devices)
     runtime.enable_compilation_cache()  # as the train command does (MNIST_FLAX_COMPILATION_CACHE=off: compile)
 
     import jax
@@ -55,8 +55,8 @@ def main() -> None:
     from mnist_flax.model import count_params
 
     data = load_mnist(data_dir=a.data_dir, manual_dir=a.manual_dir)
-    mesh = runtime.make_mesh(a.devices or runtime.default_device_count())
-    state = runtime.replicate(step.create_train_state(config), mesh)
+    mesh = parallel.make_mesh(a.devices or parallel.default_device_count())
+    state = parallel.replicate(step.create_train_state(config), mesh)
     steps = a.warmup + a.steps
     marks = {}
 
@@ -65,7 +65,7 @@ def main() -> None:
 
     start = time.perf_counter()
     # The loop pauses after `steps` steps: exactly the training loop's own per-step work.
-    epoch_batches = training.batch_source(config, data.train_images, data.train_labels, runtime.batch_sharder(mesh))
+    epoch_batches = training.batch_source(config, data.train_images, data.train_labels, parallel.batch_sharder(mesh))
     state, _, _ = loop.run(state, step.make_train_steps(config), epoch_batches, 1, on_step=on_step,
                            should_pause=lambda s, position: position.batch >= steps)
     compile_seconds = marks[1] - start  # the first call: compilation plus its steps

@@ -16,9 +16,9 @@ from pathlib import Path
 START = time.perf_counter()
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mnist_flax import cli  # noqa: E402
+from mnist_flax import cli, runtime  # noqa: E402
 
-cli.add_xla_flags()  # as run_main does, before JAX starts
+runtime.add_xla_flags()  # as run_main does, before JAX starts
 
 # Everything the command imports once its flags are parsed, so that "imports" is all of them.
 from mnist_flax import checkpoint, data, loop, report, step, train, training  # noqa: E402, F401

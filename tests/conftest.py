@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import pytest
 from hypothesis import settings
 
-from mnist_flax import cli, sidecar  # these import neither JAX nor numpy
+from mnist_flax import runtime, sidecar  # these import neither JAX nor numpy
 from mnist_flax.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ def end_worker_without_teardown() -> None:
     more (coverage started with the interpreter, say) is left to end the usual way.
     """
     logging.shutdown()
-    cli.flush_standard_streams()
+    runtime.flush_standard_streams()
     os._exit(0)  # the controller reads a worker's result from its channel, never its exit status
 
 
@@ -133,7 +133,7 @@ def set_up_test_process() -> None:
     os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(TEST_CACHE_MAX_BYTES)  # read by every JAX the tests start
     jax.config.update("jax_compilation_cache_max_size", TEST_CACHE_MAX_BYTES)
     runtime.enable_compilation_cache()  # and this process too: what a fixture compiled, a command loads
-    cli.set_up_process()
+    runtime.set_up_process()
 
 
 @pytest.hookimpl(trylast=True)  # after pytest-xdist's, which registers "dsession" in its controller

@@ -8,7 +8,7 @@ import sys
 import jax
 import numpy as np
 
-from mnist_flax import cli, runtime, step
+from mnist_flax import parallel, runtime, step
 from mnist_flax import config as config_lib
 from mnist_flax.batches import Batch
 
@@ -17,14 +17,14 @@ STEPS_PER_CALL = 2
 
 
 def main(count: int, out: str) -> None:
-    cli.set_up_process()
-    runtime.configure(count)
+    runtime.set_up_process()
+    parallel.configure(count)
     runtime.enable_compilation_cache()  # the session's, as the commands use it
-    mesh = runtime.make_mesh(count)
+    mesh = parallel.make_mesh(count)
     assert mesh.size == count, (mesh.size, count)
-    shard = runtime.batch_sharder(mesh)
+    shard = parallel.batch_sharder(mesh)
     config = config_lib.resolve(steps_per_call=STEPS_PER_CALL)
-    state = runtime.replicate(step.create_train_state(config), mesh)
+    state = parallel.replicate(step.create_train_state(config), mesh)
     train_steps = step.make_train_steps(config)
     rng = np.random.default_rng(0)
     batches = [Batch(rng.integers(0, 256, (128, 28, 28, 1), dtype=np.uint8),

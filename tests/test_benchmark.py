@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mnist_flax import cli
+from mnist_flax import runtime
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,7 +28,7 @@ def test_reports_the_steps_it_timed(mnist_data_dir, mnist_manual_dir):
     assert report["devices"] == 1 and report["images_per_second"] > 0 and report["eval_images_per_second"] > 0
     # `seconds` is rounded to the millisecond; images per second comes from the exact time.
     assert abs(report["images_per_second"] - 8 * 128 / report["seconds"]) < 0.01 * report["images_per_second"]
-    assert all(flag in report["xla_flags"].split() for flag in cli.CPU_XLA_FLAGS) and report["jax"]
+    assert all(flag in report["xla_flags"].split() for flag in runtime.CPU_XLA_FLAGS) and report["jax"]
 
 
 def test_rejects_a_window_longer_than_the_epoch(mnist_data_dir, mnist_manual_dir):

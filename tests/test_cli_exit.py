@@ -1,4 +1,4 @@
-"""cli.exit_process: a finished command exits without the interpreter's teardown, and loses nothing."""
+"""runtime.exit_process: a finished command exits without the interpreter's teardown, and loses nothing."""
 
 import subprocess
 import sys
@@ -14,11 +14,11 @@ def run_python(code: str) -> subprocess.CompletedProcess:
 def test_exit_handlers_run_buffered_output_is_written_and_the_code_is_kept():
     result = run_python(
         "import atexit, sys\n"
-        "from mnist_flax import cli\n"
+        "from mnist_flax import runtime\n"
         "atexit.register(lambda: print('handler ran', file=sys.stderr))\n"
         "print('x' * 100_000, end='')\n"  # a pipe's stdout is block-buffered: this sits in the buffer
         "sys.stderr.write('no newline, unflushed')\n"
-        "cli.exit_process(3)\n"
+        "runtime.exit_process(3)\n"
         "print('never printed')\n")
     assert result.returncode == 3
     assert result.stdout == "x" * 100_000
@@ -28,12 +28,12 @@ def test_exit_handlers_run_buffered_output_is_written_and_the_code_is_kept():
 def test_teardown_is_skipped():
     """What the interpreter's teardown would run (a finalizer left to module cleanup) does not run."""
     result = run_python(
-        "from mnist_flax import cli\n"
+        "from mnist_flax import runtime\n"
         "class Noisy:\n"
         "    def __del__(self):\n"
         "        print('torn down')\n"
         "kept = Noisy()\n"
-        "cli.exit_process(0)\n")
+        "runtime.exit_process(0)\n")
     assert (result.returncode, result.stdout) == (0, "")
 
 
@@ -42,9 +42,9 @@ def test_a_running_thread_is_waited_for(tmp_path):
     result = run_python(
         "import threading, time\n"
         "from pathlib import Path\n"
-        "from mnist_flax import cli\n"
+        "from mnist_flax import runtime\n"
         f"threading.Thread(target=lambda: (time.sleep(0.5), Path({str(done)!r}).write_text('ok'))).start()\n"
-        "cli.exit_process(4)\n")
+        "runtime.exit_process(4)\n")
     assert result.returncode == 4
     assert done.read_text() == "ok"
 
@@ -52,8 +52,8 @@ def test_a_running_thread_is_waited_for(tmp_path):
 def test_a_closed_stdout_is_no_error():
     """`mnist-flax-... | head -c 1`: the reader is gone before the exit flushes."""
     proc = subprocess.Popen([sys.executable, "-c",
-                             "import sys, time\nfrom mnist_flax import cli\nprint('y' * 100_000, end='')\n"
-                             "time.sleep(0.5)\ncli.exit_process(0)\n"],
+                             "import sys, time\nfrom mnist_flax import runtime\nprint('y' * 100_000, end='')\n"
+                             "time.sleep(0.5)\nruntime.exit_process(0)\n"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.read(1)
     proc.stdout.close()

@@ -55,3 +55,16 @@ def test_the_scan_sees_the_imports_it_must():
     modules = imported_top_level_modules()
     assert {"jax", "flax", "optax", "tensorflow_datasets", "PIL", "pytest", "chex", "torch"} <= set(modules)
     assert "mnist_flax" not in modules and "conftest" not in modules and "json" not in modules
+
+
+def test_only_the_commands_import_cli():
+    """cli.py parses and turns errors into lines; what the commands are built from never needs it."""
+    commands = {target.split(":")[0].split(".")[1] for target in
+                tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"].values()}
+    importers = set()
+    for path in (REPO / "mnist_flax").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module == "mnist_flax.cli" or (
+                    node.module == "mnist_flax" and "cli" in [alias.name for alias in node.names])):
+                importers.add(path.stem)
+    assert importers == commands

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist_flax import runtime
+from mnist_flax import parallel, runtime
 from mnist_flax.errors import MnistFlaxError
 
 HERE = Path(__file__).resolve().parent
@@ -59,10 +59,10 @@ def test_same_results_as_one_device(device_runs, count):
 
 
 def test_batch_must_split_evenly():
-    mesh = runtime.make_mesh(1)
-    runtime.check_batch_size(128, mesh)
+    mesh = parallel.make_mesh(1)
+    parallel.check_batch_size(128, mesh)
     with pytest.raises(MnistFlaxError, match="more devices|asked for"):
-        runtime.make_mesh(10_000)
+        parallel.make_mesh(10_000)
 
 
 def free_port() -> int:
@@ -144,7 +144,7 @@ def main(argv=None):
     return 0
 
 
-cli.add_xla_flags()
+runtime.add_xla_flags()
 if sys.argv[1] == "command":  # as every command runs: through run_main
     sys.exit(cli.run_main(main))
 sys.exit(main())

@@ -27,7 +27,7 @@ def state():
 
 def test_the_run_once_programs_give_the_same_numbers_however_they_are_compiled(state):
     """The init, the data order key and the permutation compile for a quick start
-    (cli.RUN_ONCE_COMPILER_OPTIONS); compiled as every other program is, they give the same bits."""
+    (runtime.RUN_ONCE_COMPILER_OPTIONS); compiled as every other program is, they give the same bits."""
     config = config_lib.resolve()
     optimised = jax.jit(step._create_train_state.__wrapped__, static_argnums=(0, 1))(config, step.model_for(config))
     for field in ("params", "batch_stats", "opt_state", "dropout_key", "step"):
