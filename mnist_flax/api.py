@@ -84,14 +84,14 @@ PREDICT_BODY = {"required": True, "content": {
 
 
 class Classifier:
-    """The checkpoint's eval function, compiled for one image at construction."""
+    """The checkpoint's eval function, in its run's form, compiled for one image at construction."""
 
-    def __init__(self, variables: dict):
-        self.variables = variables
+    def __init__(self, variables: dict, network: model.CNN):
+        self.variables, self.network = variables, network
         self(np.zeros((predict.SIDE, predict.SIDE), np.uint8))  # compile now, not on the first request
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        return step.predict_probabilities(self.variables, image[None, :, :, None], batch_size=1)[0]
+        return step.predict_probabilities(self.variables, image[None, :, :, None], batch_size=1, model=self.network)[0]
 
 
 def png_base64(image: np.ndarray) -> str:
@@ -172,9 +172,9 @@ def describe(path: Path, record: dict | None, variables: dict) -> ModelInfo:
                      created=record.get("created"), max_body_bytes=MAX_BODY_BYTES, accepts=[*IMAGE_TYPES, MULTIPART])
 
 
-def create_app(variables: dict, info: ModelInfo) -> FastAPI:
-    """The app for one checkpoint; its eval function is compiled here, before it serves."""
-    classifier = Classifier(variables)
+def create_app(variables: dict, info: ModelInfo, network: model.CNN) -> FastAPI:
+    """The app for one checkpoint, applied as `network`; its eval function is compiled here, before it serves."""
+    classifier = Classifier(variables, network)
     html, policy = page_html()
     app = FastAPI(title="mnist-flax", version=info.sha256[:12],
                   description="Classify a handwritten digit with the checkpoint " + info.checkpoint)

@@ -86,6 +86,14 @@ def _model_template() -> dict:
     return jax.eval_shape(lambda: init_variables(jax.random.key(0)))  # the key too is only traced
 
 
+def network_for(record: dict | None):
+    """The network in the form the run that wrote the checkpoint trained in (its sidecar's
+    config.ops; "auto" without one): what evaluating, predicting, serving and exporting it apply."""
+    from mnist_flax.model import network
+
+    return network(sidecar.run_config(record or {}).get("ops", "auto"))
+
+
 def save_checkpoint(output_dir: str | Path, variables: dict, metadata: dict,
                     created: dt.datetime | None = None) -> Path:
     """Writes the msgpack, then its sidecar, each atomically; returns the msgpack path.

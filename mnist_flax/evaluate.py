@@ -12,14 +12,14 @@ from mnist_flax import checkpoint, cli, sidecar
 
 def evaluate_checkpoint(path: str, data_dir: str | None = None, manual_dir: str | None = None) -> dict:
     """{'accuracy', 'correct', 'count', ...} of the checkpoint on the MNIST test set (step.evaluate)."""
-    variables, _ = checkpoint.load_checkpoint(path)
+    variables, record = checkpoint.load_checkpoint(path)
     # JAX and TFDS load here, not with the module: `--help`, a bad flag and a file that is no
     # checkpoint at all answer at once.
     from mnist_flax import step
     from mnist_flax.data import load_mnist
 
     data = load_mnist(data_dir=data_dir, manual_dir=manual_dir)
-    return step.evaluate(variables, data.test_images, data.test_labels)
+    return step.evaluate(variables, data.test_images, data.test_labels, model=checkpoint.network_for(record))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -189,6 +189,13 @@ class CNN(nn.Module):
                         bias_init=torch_bias_init(x.shape[-1]))(x)
 
 
+def network(form: str = "auto") -> CNN:
+    """The network in the form a config's `ops` names: "fused", "plain", or "auto", the one
+    ops.use_fused picks for this backend. The one place a run's form becomes a model: training,
+    evaluation, prediction, serving and export all take theirs from here."""
+    return CNN(fused=ops.use_fused(form))
+
+
 def example_images(batch: int = 1) -> jax.Array:
     return jnp.zeros((batch,) + IMAGE_SHAPE, jnp.uint8)
 

@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.images:  # argparse's own message would not say which argument is missing: the image, or the checkpoint
         raise cli.UsageError(f"no IMAGE given: the first argument is the checkpoint (or a directory of them), "
                              f"the images come after it: {p.prog} CHECKPOINT_OR_DIR IMAGE [IMAGE ...]")
-    variables, _ = checkpoint.load_checkpoint(args.checkpoint)  # a file that is no checkpoint: refused before JAX
+    variables, record = checkpoint.load_checkpoint(args.checkpoint)  # a file that is no checkpoint: refused before JAX
     files, prepared, failures = [], [], 0
     for path in args.images:
         try:
@@ -163,7 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from mnist_flax import step
 
         images = np.stack([p.image for p in prepared])[..., None]
-        probs = step.predict_probabilities(variables, images, batch_size=len(images))  # one pass
+        probs = step.predict_probabilities(variables, images, batch_size=len(images),  # one pass
+                                           model=checkpoint.network_for(record))
         for path, prep, row in zip(files, prepared, probs):
             digit = int(np.argmax(row))
             results.append({"file": path, "digit": digit, "probability": float(row[digit]),

@@ -62,7 +62,7 @@ def write_plots(checkpoint_path: str | Path, data=None, output_dir: str | Path |
         data = load_mnist()
     if probabilities is None:
         from mnist_flax.step import predict_probabilities  # JAX: import only when drawing this
-        probabilities = predict_probabilities(variables, data.test_images)
+        probabilities = predict_probabilities(variables, data.test_images, model=checkpoint.network_for(record))
     if np.shape(probabilities) != (len(data.test_images), NUM_CLASSES):
         raise ValueError(f"probabilities of shape {np.shape(probabilities)} for {len(data.test_images)} test images")
     # The slowest first: with two workers, the confusion matrix takes one while the other draws the rest.

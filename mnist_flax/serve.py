@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mnist_flax: warning: listening on {args.host} makes the page and API reachable from other "
               "machines, with no authentication", file=sys.stderr)
     info = api.describe(path, record, variables)
-    app = api.create_app(variables, info)
+    app = api.create_app(variables, info, checkpoint.network_for(record))
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host
     print(f"serving {info.checkpoint} at http://{url_host}:{port}/ (ready in {time.perf_counter() - start:.1f} s; "

@@ -134,7 +134,8 @@ def main() -> int:
     runtime.add_xla_flags()
     path = checkpoint.find(sys.argv[1])
     variables, record = checkpoint.load_checkpoint(path)
-    with TestClient(api.create_app(variables, api.describe(path, record, variables))) as client:
+    app = api.create_app(variables, api.describe(path, record, variables), checkpoint.network_for(record))
+    with TestClient(app) as client:
         sys.stdout.write(table(client))
     return 0
 

@@ -25,7 +25,7 @@ EXAMPLES = 50  # per operation and mode; CI's derandomized profile runs the same
 @pytest.fixture(scope="module")
 def api_schema(trained_checkpoint):
     variables, record = checkpoint.load_checkpoint(trained_checkpoint)
-    app = api.create_app(variables, api.describe(trained_checkpoint, record, variables))
+    app = api.create_app(variables, api.describe(trained_checkpoint, record, variables), checkpoint.network_for(record))
     return schemathesis.openapi.from_asgi("/openapi.json", app)
 
 

@@ -19,7 +19,7 @@ import pytest
 from mnist_flax import ops, step
 from mnist_flax import config as config_lib
 from mnist_flax.batches import Batch
-from mnist_flax.model import CNN
+from mnist_flax.model import CNN, network
 
 PLAIN, FUSED = CNN(fused=False).apply, CNN(fused=True).apply
 
@@ -146,7 +146,7 @@ def test_evaluation_in_either_form_gives_the_same_logits(initial):
 def test_evaluation_gives_xla_no_convolution_of_one_channel(initial):
     """XLA:CPU's convolution of a one-channel input took 7x as long as the fused form's shifted
     products: evaluation takes the fused form, whose conv1 is not a convolution."""
-    assert step.default_model() == FUSED.__self__
+    assert network() == FUSED.__self__
     images = np.zeros((step.EVAL_BATCH_SIZE, 28, 28, 1), np.uint8)
     program = jax.jit(step.predict_logits).lower(step.model_variables(initial), images).compile().as_text()
     outputs = re.findall(r"= f32(\[[\d,]+\])\S* convolution\(", program)  # conv3's 1x1 is a dot
@@ -158,8 +158,29 @@ def test_the_form_is_chosen_by_backend_and_overridable():
     assert ops.use_fused("fused", backend="tpu") and not ops.use_fused("plain", backend="cpu")
     with pytest.raises(ValueError, match="auto, fused or plain"):
         ops.use_fused("fast")
-    assert step.model_for(config_lib.resolve(ops="plain")) == CNN(fused=False)
-    assert step.model_for(config_lib.resolve(ops="fused")) == CNN(fused=True)
+    assert network(config_lib.resolve(ops="plain").ops) == CNN(fused=False)
+    assert network(config_lib.resolve(ops="fused").ops) == CNN(fused=True)
+
+
+@pytest.mark.parametrize("form", ["plain", "fused"])
+def test_a_run_evaluates_in_the_form_it_trained_in(tmp_path, monkeypatch, mnist_arrays, form):
+    """`--ops plain` trains plain and evaluates plain; its checkpoint is then applied plain too."""
+    from mnist_flax import checkpoint, training
+
+    applied = []
+    original = step.predict_probabilities
+
+    def spy(variables, images, batch_size=step.EVAL_BATCH_SIZE, model=None):
+        applied.append(model)
+        return original(variables, images, batch_size, model)
+
+    monkeypatch.setattr(step, "predict_probabilities", spy)
+    config = config_lib.resolve(ops=form, train_examples=2 * 128)
+    result = training.train_and_evaluate(config, tmp_path, mnist_arrays,
+                                         options=training.RunOptions(progress=False, plots=False))
+    assert applied == [network(form)] and network(form).fused == (form == "fused")
+    assert checkpoint.network_for(checkpoint.load_checkpoint(result.checkpoint)[1]) == network(form)
+    assert checkpoint.network_for(None) == network()  # no sidecar: "auto"
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="a fact of XLA:CPU")

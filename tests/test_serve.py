@@ -32,7 +32,7 @@ load_test = load_script("load_test")
 @pytest.fixture(scope="module")
 def client(trained_checkpoint):
     variables, record = checkpoint.load_checkpoint(trained_checkpoint)
-    with TestClient(api.create_app(variables, api.describe(trained_checkpoint, record, variables))) as c:
+    with TestClient(api.create_app(variables, api.describe(trained_checkpoint, record, variables), checkpoint.network_for(record))) as c:
         yield c
 
 
