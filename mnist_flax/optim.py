@@ -1,5 +1,7 @@
 """The optimiser and its learning-rate schedule, both read from the config."""
 
+from typing import NamedTuple
+
 import optax
 
 from mnist_flax.config import Config
@@ -19,7 +21,13 @@ def learning_rate_schedule(config: Config) -> optax.Schedule:
         boundaries=[warmup])
 
 
-def make_optimizer(config: Config) -> optax.GradientTransformation:
-    """Adam, as the original; or NAdam, whose state has the same structure."""
+class Optimizer(NamedTuple):
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule  # the one `tx` follows: what a run logs is what it trained with
+
+
+def make_optimizer(config: Config) -> Optimizer:
+    """Adam, as the original; or NAdam, whose state has the same structure; with its schedule."""
     adam = {"adam": optax.adam, "nadam": optax.nadam}[config.optimizer]
-    return adam(learning_rate_schedule(config))
+    schedule = learning_rate_schedule(config)
+    return Optimizer(adam(schedule), schedule)

@@ -14,22 +14,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import struct
 from flax.training import train_state
 
 from mnist_flax import ops, optim
 from mnist_flax.runtime import RUN_ONCE_COMPILER_OPTIONS
 from mnist_flax.config import NUM_CLASSES, Config
 from mnist_flax.batches import Batch
-from mnist_flax.model import CNN, init_variables
+from mnist_flax.model import init_variables, network
 
 EVAL_BATCH_SIZE = 1000
 
 
 class TrainState(train_state.TrainState):
-    """Params, optimiser state and step, plus BatchNorm's running statistics and the dropout key."""
+    """Params, optimiser state and step, plus BatchNorm's running statistics and the dropout key;
+    and, beside the optimiser `tx`, the learning-rate schedule it follows."""
 
     batch_stats: Any
     dropout_key: jax.Array  # raw uint32 key data, so that it serialises like any other array
+    learning_rate: optax.Schedule = struct.field(pytree_node=False)
 
 
 def rng_streams(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -46,11 +49,6 @@ def data_order_key(seed: int) -> jax.Array:
     return rng_streams(seed)[1]
 
 
-def model_for(config: Config) -> nn.Module:
-    """The network a run trains: CNN in the form the config asks for."""
-    return CNN(fused=ops.use_fused(config.ops))
-
-
 def create_train_state(config: Config, model: nn.Module | None = None) -> TrainState:
     """A fresh run: the model initialised from the config's seed, and its optimiser.
 
@@ -58,7 +56,7 @@ def create_train_state(config: Config, model: nn.Module | None = None) -> TrainS
     compiled program (cached like the others), not op-by-op: half the time when warm, and
     the same values.
     """
-    return _create_train_state(config, model or model_for(config))
+    return _create_train_state(config, model or network(config.ops))
 
 
 def train_state_shapes(config: Config) -> TrainState:
@@ -67,19 +65,21 @@ def train_state_shapes(config: Config) -> TrainState:
     Through the jitted function's own `eval_shape`: a top-level jit with compiler options
     may not be traced inside another transformation.
     """
-    return _create_train_state.eval_shape(config, model_for(config))
+    return _create_train_state.eval_shape(config, network(config.ops))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), compiler_options=RUN_ONCE_COMPILER_OPTIONS)
 def _create_train_state(config: Config, model: nn.Module) -> TrainState:
     init_key, _, dropout_key = rng_streams(config.seed)
     variables = init_variables(init_key, model)
+    optimizer = optim.make_optimizer(config)
     return TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
         batch_stats=variables["batch_stats"],
         dropout_key=jax.random.key_data(dropout_key),
-        tx=optim.make_optimizer(config),
+        tx=optimizer.tx,
+        learning_rate=optimizer.schedule,
     ).replace(step=jnp.zeros((), jnp.int32))  # an array from the start, so its type never changes
 
 
@@ -161,15 +161,11 @@ def model_variables(state: TrainState) -> dict:
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
-def default_model() -> nn.Module:
-    """The network in the form `ops.use_fused` picks for this backend: what evaluation applies
-    unless given a model."""
-    return CNN(fused=ops.use_fused())
-
-
 def predict_logits(variables: dict, images: jax.Array, model: nn.Module | None = None) -> jax.Array:
-    """Eval-mode logits: running BatchNorm statistics, no gradients, no updates."""
-    return (model or default_model()).apply(variables, images, train=False)
+    """Eval-mode logits: running BatchNorm statistics, no gradients, no updates.
+
+    `model`: the run's form (model.network(config.ops)); without one, "auto"'s."""
+    return (model or network()).apply(variables, images, train=False)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -180,7 +176,7 @@ def _probabilities(model: nn.Module, variables: dict, images: jax.Array) -> jax.
 def predict_probabilities(variables: dict, images: np.ndarray, batch_size: int = EVAL_BATCH_SIZE,
                           model: nn.Module | None = None) -> np.ndarray:
     """Class probabilities (N, 10) in eval mode, computed in batches."""
-    model = model or default_model()
+    model = model or network()
     chunks = [_probabilities(model, variables, images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
     return np.concatenate(jax.device_get(chunks))
 

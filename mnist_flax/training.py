@@ -16,12 +16,12 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from mnist_flax import batches, checkpoint, loop, metrics_log, optim, parallel, plots, report, resume, step
+from mnist_flax import batches, checkpoint, loop, metrics_log, parallel, plots, report, resume, step
 from mnist_flax.atomic import remove_stale_temporaries
 from mnist_flax.config import Config
 from mnist_flax.data import MnistArrays
 from mnist_flax.errors import MnistFlaxError, UsageError
-from mnist_flax.model import count_params, format_parameter_table
+from mnist_flax.model import count_params, format_parameter_table, network
 
 PROGRESS_EVERY = 10  # steps between progress-bar refreshes
 MIN_FREE_BYTES = 1_000_000  # a checkpoint's size, with room
@@ -70,9 +70,10 @@ class StopRequest:
         return self
 
 
-def learning_rates(config: Config) -> np.ndarray:
-    """The learning rate of every step of the run."""
-    return np.asarray(jax.vmap(optim.learning_rate_schedule(config))(np.arange(config.total_steps())))
+def learning_rates(state: step.TrainState, total_steps: int) -> np.ndarray:
+    """The learning rate of every step of the run: the optimiser's own schedule, evaluated once
+    (one JAX call per step would slow the loop)."""
+    return np.asarray(jax.vmap(state.learning_rate)(np.arange(total_steps)))
 
 
 def batch_source(config: Config, images: np.ndarray, labels: np.ndarray, place=lambda b: b):
@@ -104,7 +105,7 @@ def check_output_dir(path: Path) -> None:
                              "choose another with --output-dir or free some space")
 
 
-def run_metadata(result: TrainResult, test: dict, state: step.TrainState) -> dict:
+def run_metadata(result: TrainResult, test: dict, state: step.TrainState, rates: np.ndarray) -> dict:
     import flax
     import optax
     config = result.config
@@ -117,7 +118,7 @@ def run_metadata(result: TrainResult, test: dict, state: step.TrainState) -> dic
         "train_loss": result.train_metrics["loss"],
         "params": count_params(state.params),
         "num_batches_tracked": int(state.step),
-        "peak_learning_rate": float(learning_rates(config).max()),
+        "peak_learning_rate": float(rates.max()),
         "epoch_seconds": [round(s, 3) for s in result.epoch_seconds],
         "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
                      "python": sys.version.split()[0]},
@@ -146,7 +147,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, data: MnistArrays, *
     primary = jax.process_index() == 0  # on many hosts, one process writes the files
     if primary:
         workdir.mkdir(parents=True, exist_ok=True)
-    rates = learning_rates(config)  # evaluated once: one JAX call per step would slow the loop
+    rates = learning_rates(state, config.total_steps())
     log = metrics_log.MetricsLog(workdir if primary else None, keep_until_step=int(state.step))
     total = config.total_steps()
     print(f"training from step {int(state.step)} of {total}", file=sys.stderr, flush=True)
@@ -196,9 +197,9 @@ def train_and_evaluate(config: Config, workdir: str | Path, data: MnistArrays, *
         return result
 
     variables = jax.device_get(step.model_variables(state))
-    probabilities = step.predict_probabilities(variables, data.test_images)  # once: the plots reuse them
+    probabilities = step.predict_probabilities(variables, data.test_images, model=network(config.ops))  # plots reuse them
     test = step.metrics_from_probabilities(probabilities, data.test_labels)
-    result = dataclasses.replace(result, test_metrics=test, metadata=run_metadata(result, test, state))
+    result = dataclasses.replace(result, test_metrics=test, metadata=run_metadata(result, test, state, rates))
     if not primary:
         return result
     path = checkpoint.save_checkpoint(workdir, variables, result.metadata)

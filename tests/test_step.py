@@ -10,7 +10,7 @@ import pytest
 from mnist_flax import batches, loop, optim, step, training
 from mnist_flax import config as config_lib
 from mnist_flax.batches import Batch
-from mnist_flax.model import ConvBNReLU, check_images, normalize
+from mnist_flax.model import ConvBNReLU, check_images, network, normalize
 
 
 def fixed_batch(seed=0, size=32):
@@ -29,7 +29,7 @@ def test_the_run_once_programs_give_the_same_numbers_however_they_are_compiled(s
     """The init, the data order key and the permutation compile for a quick start
     (runtime.RUN_ONCE_COMPILER_OPTIONS); compiled as every other program is, they give the same bits."""
     config = config_lib.resolve()
-    optimised = jax.jit(step._create_train_state.__wrapped__, static_argnums=(0, 1))(config, step.model_for(config))
+    optimised = jax.jit(step._create_train_state.__wrapped__, static_argnums=(0, 1))(config, network(config.ops))
     for field in ("params", "batch_stats", "opt_state", "dropout_key", "step"):
         chex.assert_trees_all_equal(getattr(state, field), getattr(optimised, field))
     key = step.data_order_key(config.seed)
@@ -136,7 +136,7 @@ def test_evaluate_counts_correct_predictions(state):
 
 def test_onecycle_schedule_rises_linearly_then_falls_to_the_final_rate():
     config = config_lib.resolve("onecycle", train_examples=1280)  # 10 steps: 2 warm-up, 8 down
-    schedule = optim.learning_rate_schedule(config)
+    schedule = step.create_train_state(config).learning_rate  # the optimiser's own, which the run logs
     peak = config.learning_rate
     rates = np.array([float(schedule(i)) for i in range(11)])
     np.testing.assert_allclose(rates[[0, 1, 2]], [peak / 25, (peak / 25 + peak) / 2, peak], rtol=1e-5)
@@ -152,9 +152,9 @@ def test_first_update_is_adam_or_nadam(recipe, first_step_factor):
     config = config_lib.resolve(recipe)
     params = {"w": np.zeros(3, np.float32)}
     grads = {"w": np.array([0.5, -2.0, 1e-3], np.float32)}
-    optimizer = optim.make_optimizer(config)
+    optimizer, schedule = optim.make_optimizer(config)
     updates, _ = optimizer.update(grads, optimizer.init(params), params)
-    rate = float(optim.learning_rate_schedule(config)(0))
+    rate = float(schedule(0))
     chex.assert_trees_all_close(updates["w"], -rate * first_step_factor * np.sign(grads["w"]), rtol=1e-4)
 
 
