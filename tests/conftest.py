@@ -76,6 +76,7 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 REPO = Path(__file__).resolve().parent.parent
+PARAMETERS = 8_954  # the PyTorch original's trainable parameters: what CNN must have, and every file records
 
 # The tests compile into a cache of their own, never the user's. It is kept between sessions:
 # JAX looks a program up by its HLO, XLA flags and jaxlib version, so an entry that no longer

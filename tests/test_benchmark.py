@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import PARAMETERS
 from mnist_flax import runtime
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +25,7 @@ def test_reports_the_steps_it_timed(mnist_data_dir, mnist_manual_dir):
     result = benchmark(mnist_data_dir, mnist_manual_dir, "--warmup", "1", "--steps", "8")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["timed_steps"] == 8 and report["steps_per_call"] == 4 and report["params"] == 8954
+    assert report["timed_steps"] == 8 and report["steps_per_call"] == 4 and report["params"] == PARAMETERS
     assert report["devices"] == 1 and report["images_per_second"] > 0 and report["eval_images_per_second"] > 0
     # `seconds` is rounded to the millisecond; images per second comes from the exact time.
     assert abs(report["images_per_second"] - 8 * 128 / report["seconds"]) < 0.01 * report["images_per_second"]

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import PARAMETERS
 from conftest import REPO as REPO_ROOT
 from mnist_flax import artifact, checkpoint, compare, sidecar
 from mnist_flax.cli import run_main
@@ -20,7 +21,7 @@ PER_DIGIT = [0.99, 0.995, 0.98, 0.985, 0.98, 0.985, 0.99, 0.98, 0.975, 0.97]
 
 def save_run(directory, accuracy, per_digit=PER_DIGIT):
     variables = jax.device_get(init_variables(jax.random.key(0)))
-    return checkpoint.save_checkpoint(directory, variables, {"test_accuracy": accuracy, "params": 8954,
+    return checkpoint.save_checkpoint(directory, variables, {"test_accuracy": accuracy, "params": PARAMETERS,
                                                              "per_class_test_accuracy": per_digit})
 
 
@@ -60,7 +61,7 @@ def test_summary_shows_both_models_and_the_differences(tmp_path, baseline, capsy
     assert out.startswith(f"### Against `{baseline}`\n")  # two local folders: named by the baseline's
     assert "| **test accuracy** | 98.61% | 98.54% | **+0.07 pp** |" in out
     assert "| digit 9 | 97.10% | 97.00% | +0.10 pp |" in out
-    assert "| parameters | 8,954 | 8,954 | +0 |" in out
+    assert f"| parameters | {PARAMETERS:,} | {PARAMETERS:,} | +0 |" in out
     assert "Regression" not in out
 
 

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from conftest import PARAMETERS
 from mnist_flax import config as config_lib
 
 REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
@@ -31,7 +32,7 @@ def test_one_epoch_trains_saves_and_evaluates(tmp_path, mnist_manual_dir, mnist_
     assert sidecars[0].stem == checkpoints[0].stem
     meta = json.loads(sidecars[0].read_text())
     assert meta["test_accuracy"] > ACCURACY_GATE
-    assert meta["params"] == 8954 and meta["num_batches_tracked"] == 469
+    assert meta["params"] == PARAMETERS and meta["num_batches_tracked"] == 469
     assert meta["config"] == config_lib.resolve().to_dict()  # every setting, written into the sidecar
     assert checkpoints[0].name.endswith(f"_acc{100 * meta['test_accuracy']:.2f}.msgpack")
 
@@ -39,7 +40,7 @@ def test_one_epoch_trains_saves_and_evaluates(tmp_path, mnist_manual_dir, mnist_
     assert "loss=" in train.stderr and "acc=" in train.stderr
     assert f"test accuracy:  {100 * meta['test_accuracy']:.2f}%" in train.stdout
     assert "train accuracy:" in train.stdout and "epoch time:" in train.stdout
-    assert re.search(r"^total\s+8,954$", train.stdout, re.M)
+    assert re.search(rf"^total\s+{PARAMETERS:,}$", train.stdout, re.M)
     # The report's plots, drawn at the end of training, beside the checkpoint.
     plots = {"training_curves.png", "per_class_accuracy.png", "confusion_matrix.png", "misclassified.png"}
     assert {p.name for p in out.glob("*.png")} == plots

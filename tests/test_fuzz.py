@@ -128,7 +128,13 @@ def _resume_bytes() -> bytes:
 
 RESUME_BYTES = _resume_bytes()
 RESUME_TREE = serialization.msgpack_restore(RESUME_BYTES)
-BASELINE["rss"] = max_rss_bytes()  # with the model compiled: what the cases add is measured from here
+
+
+@pytest.fixture(scope="module", autouse=True)
+def memory_baseline():
+    """The peak RSS as this file's first test starts, whichever it is: what its cases add is measured
+    from here (under pytest-xdist, other files may have run in this process before)."""
+    BASELINE["rss"] = max_rss_bytes()
 
 
 @pytest.fixture(autouse=True)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import PARAMETERS
 from mnist_flax.model import (CNN, PARAM_BUDGET, count_params, format_parameter_table, init_variables, layer_order,
                               normalize, parameter_table)
 
@@ -38,7 +39,7 @@ def test_logits_shape_and_dtype(variables, batch, dtype):
 
 
 def test_parameter_total_is_the_originals(variables):
-    assert count_params(variables["params"]) == 8_954
+    assert count_params(variables["params"]) == PARAMETERS
     assert count_params(variables["params"]) < PARAM_BUDGET
 
 
@@ -54,7 +55,7 @@ def test_per_layer_counts(variables):
 def test_parameter_table_text(variables):
     text = format_parameter_table(variables["params"])
     assert "fc/kernel" in text and "(512, 10)" in text
-    assert text.splitlines()[-1].split()[-1] == "8,954"
+    assert text.splitlines()[-1].split()[-1] == f"{PARAMETERS:,}"
 
 
 def test_kernel_layouts(variables):

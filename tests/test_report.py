@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import PARAMETERS
 from mnist_flax import checkpoint, cli, metrics_log, plots, report, sidecar
 from mnist_flax import config as config_lib
 from mnist_flax.data import MnistArrays
@@ -32,7 +33,7 @@ def sidecar_metadata() -> dict:
     per_class = np.diag(confusion) / confusion.sum(1)
     return {"test_accuracy": 0.9854, "train_accuracy": 0.9712, "train_loss": 0.0913,
             "per_class_test_accuracy": [round(float(a), 6) for a in per_class],
-            "confusion_matrix": confusion.tolist(), "params": 8954, "num_batches_tracked": 2 * 469,
+            "confusion_matrix": confusion.tolist(), "params": PARAMETERS, "num_batches_tracked": 2 * 469,
             "config": config_lib.resolve(epochs=2).to_dict(), "epoch_seconds": [41.25, 39.5],
             "versions": {"jax": "0.10.2", "flax": "0.12.8", "optax": "0.2.8", "python": "3.11.7"}}
 
@@ -180,7 +181,7 @@ def test_markdown_summary(run_dir):
     _, path, _ = run_dir
     text = report.markdown_summary(path)
     assert text.startswith("## ") and "98.54%" in text
-    assert "8,954" in text
+    assert f"{PARAMETERS:,}" in text
     assert "| layer/param | shape | count |" in text and "| conv1/kernel | 3×3×1×8 | 72 |" in text
     assert "| digit | accuracy | test images | wrong | most often taken for |" in text
     assert "| 41.2 s, 39.5 s |" in text.replace("epoch time ", "")
@@ -262,4 +263,4 @@ def test_module_runs_markdown_without_mnist_or_matplotlib(run_dir, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
                             cwd=REPO)
     assert result.returncode == 0, result.stderr
-    assert "98.54%" in result.stdout and "8,954" in result.stdout
+    assert "98.54%" in result.stdout and f"{PARAMETERS:,}" in result.stdout

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 import mnist_flax
-from conftest import REPO, load_script, require
+from conftest import PARAMETERS, REPO, load_script, require
 from mnist_flax import checkpoint, predict, step
 from mnist_flax.cli import run_main
 
@@ -120,7 +120,7 @@ def test_model_health_and_unknown_paths(client, trained_checkpoint):
     info = client.get("/api/model").json()
     record = checkpoint.load_checkpoint(trained_checkpoint)[1]
     assert info["checkpoint"] == trained_checkpoint.name and info["sha256"] == record["sha256"]
-    assert info["test_accuracy"] == record["test_accuracy"] and info["parameters"] == 8954
+    assert info["test_accuracy"] == record["test_accuracy"] and info["parameters"] == PARAMETERS
     assert client.get("/healthz").json() == {"status": "ok"}
     missing = client.get("/etc/passwd")
     assert missing.status_code == 404 and "/api/predict" in missing.json()["error"]
