@@ -77,7 +77,7 @@ def model_template() -> dict:
     return jax.tree.map(lambda leaf: leaf, _model_template())
 
 
-@functools.cache  # the abstract init traces the whole module (~0.4 s), and every load checks against it
+@functools.cache  # the abstract init traces the whole module, and every load checks against it
 def _model_template() -> dict:
     import jax
 

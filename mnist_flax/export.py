@@ -41,7 +41,6 @@ import safetensors
 import safetensors.numpy
 
 from mnist_flax import __version__, checkpoint, cli, sidecar
-from mnist_flax import config as config_lib
 from mnist_flax.atomic import atomic_write_bytes
 from mnist_flax.config import IMAGE_SHAPE
 from mnist_flax.errors import CheckpointError, MnistFlaxError, missing_path
@@ -185,14 +184,7 @@ def num_batches_from_sidecar(record: dict | None) -> tuple[int, str]:
     known = record.get("num_batches_tracked")
     if _whole(known) and known >= 0:
         return known, "sidecar num_batches_tracked"
-    run = sidecar.run_config(record)
-    batch, epochs, examples = run.get("batch_size"), run.get("epochs"), run.get("train_examples", 0)
-    if all(_whole(v) and v > 0 for v in (batch, epochs)) and _whole(examples) and examples >= 0:
-        # One BatchNorm update per step (the epoch's last, partial batch is a step too), in sidecars
-        # written before they recorded the count.
-        steps = epochs * config_lib.num_batches(examples or config_lib.NUM_TRAIN_EXAMPLES, batch)
-        return steps, f"sidecar: {epochs} epoch(s) of {steps // epochs} steps"
-    return 0, "unknown (no batch_size/epochs in a sidecar): 0"
+    return 0, "unknown (no num_batches_tracked in a sidecar): 0"
 
 
 # --- files -------------------------------------------------------------------------

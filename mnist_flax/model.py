@@ -87,9 +87,9 @@ def drawn_flat(init: Callable) -> Callable:
     """A fan-in initializer that draws its numbers as a 2-D (fan_in, features) array, then reshapes.
 
     The values are the same (JAX's threefry numbers the elements by flat index; test_model
-    checks it), but XLA:CPU compiles threefry over a 4-D kernel shape ~15x slower than over
-    a 2-D one: 3.5 s against 0.25 s per conv kernel, most of a first run's start-up
-    (docs/performance.md). Only for fan-in initializers: fan-out would see other shapes.
+    checks it), but XLA:CPU compiles threefry over a 4-D kernel shape far more slowly than over
+    a 2-D one, and those compiles were most of a first run's start-up (docs/performance.md).
+    Only for fan-in initializers: fan-out would see other shapes.
     """
     def flat(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
         return init(key, (math.prod(shape[:-1]), shape[-1]), dtype).reshape(shape)
@@ -140,8 +140,8 @@ class ConvBNReLU(nn.Module):
         if self.fused and not self.is_initializing():
             if train:
                 return self._fused(x, bn, mask)
-            # XLA:CPU's convolution of one input channel took 7x as long as the shifted products
-            # (docs/performance.md): it was a third of evaluating the test set.
+            # XLA:CPU's convolution of one input channel is far slower than the shifted products
+            # (docs/performance.md), and conv1 is the largest part of evaluating the test set.
             params = self.get_variable("params", f"conv{self.index}")
             z = ops.conv(x, params["kernel"]) + params["bias"]
         else:
@@ -214,7 +214,7 @@ def layer_order(model: nn.Module | None = None) -> list[str]:
     return list(_layer_order(model))
 
 
-@functools.cache  # the abstract init traces the whole module (~0.4 s); modules are hashable dataclasses
+@functools.cache  # the abstract init traces the whole module; modules are hashable dataclasses
 def _layer_order(model: nn.Module | None) -> tuple[str, ...]:
     order = []
 

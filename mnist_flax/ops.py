@@ -119,7 +119,7 @@ def _lax_conv(x: jax.Array, kernel: jax.Array, padding: str | tuple = "VALID") -
 
     XLA:CPU rewrites a convolution in another layout (autodiff's transposed ones) into this
     one only in a program's top level (its ConvCanonicalization pass); inside a loop, such as
-    the scan of step.multi_step, it runs in XLA's own loop nest, about ten times slower. So
+    the scan of step.multi_step, it runs in XLA's own loop nest, far slower. So
     every product below is one of these, or matrix products.
     """
     return lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))

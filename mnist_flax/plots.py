@@ -78,7 +78,7 @@ def plot_training_curves(records: list[dict], record: dict, path: Path) -> Path:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(loc="upper right" if key == "loss" else "lower right", fontsize=9)
-    # Loss falls by ~50x in one epoch: a log axis shows the late progress a linear one flattens.
+    # Loss falls by orders of magnitude in one epoch: a log axis shows the late progress a linear one flattens.
     loss_ax.set_yscale("log")
     acc_ax.yaxis.set_major_formatter(lambda y, _: f"{100 * y:.0f}%")
     acc_ax.set_ylim(0, 1.02)
@@ -158,7 +158,7 @@ def misclassified(probabilities: np.ndarray, images: np.ndarray, labels: np.ndar
 
 
 def plot_misclassified(selection: dict, path: Path) -> Path:
-    """misclassified()'s images as one grid: one axes, not one per digit, which is ~5x faster."""
+    """misclassified()'s images as one grid: one axes, not one per digit, which draws far faster."""
     images = np.asarray(selection["images"], np.uint8)
     cols = min(MISCLASSIFIED_GRID[1], len(images))  # a handful of mistakes: no empty columns
     rows = -(-len(images) // cols)

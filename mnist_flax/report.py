@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from mnist_flax import checkpoint, cli, metrics_log, plots, sidecar
-from mnist_flax.config import NUM_CLASSES, NUM_TRAIN_EXAMPLES, num_batches
+from mnist_flax.config import NUM_CLASSES
 from mnist_flax.errors import CheckpointError
 from mnist_flax.plots import CONFUSION_FILE, CURVES_FILE, MISCLASSIFIED_FILE, PER_CLASS_FILE, PLOT_FILES
 
@@ -87,12 +87,8 @@ def write_plots(checkpoint_path: str | Path, data=None, output_dir: str | Path |
 def check_metrics_match(records: list[dict], record: dict) -> None:
     """Warns when metrics.jsonl cannot be this checkpoint's: a later run in the same directory rewrote it."""
     expected = record.get("num_batches_tracked")
-    if not isinstance(expected, int):
-        run = sidecar.run_config(record)
-        try:
-            expected = run["epochs"] * num_batches(run.get("train_examples") or NUM_TRAIN_EXAMPLES, run["batch_size"])
-        except (KeyError, TypeError):
-            return
+    if not isinstance(expected, int):  # an imported checkpoint's sidecar: no run to compare with
+        return
     last = max(r["step"] for r in records)
     if not expected - 1 <= last <= expected:  # one short: a torn last line, skipped by read_metrics
         note(f"metrics.jsonl ends at step {last} but this checkpoint trained {expected} steps; "

@@ -14,17 +14,17 @@ import threading
 from typing import NoReturn
 
 # XLA:CPU runs small convolutions' weight gradients (a 24x24-window convolution for conv2)
-# much faster through Eigen than through YNNPACK, its default. LLVM's -O2 instead of -O3 cuts
-# the four-step program's compile by 40% and compiles the same arithmetic: the epoch's
-# checkpoint is byte-identical and the step no slower. docs/performance.md has both.
+# faster through Eigen than through YNNPACK, its default. LLVM's -O2 instead of -O3 compiles the
+# four-step program sooner and to the same arithmetic: the epoch's checkpoint is byte-identical
+# and the step no slower. docs/performance.md has both.
 CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
                  "--xla_backend_optimization_level=2")
 
 
 # Programs that run once per process over a few thousand numbers (the init, the data order):
 # their compile, not their run, is what a first run waits for. Unoptimised and through XLA's
-# older fusion emitters, the init program (threefry rounds) compiles in 0.4 s instead of 1.0 s
-# and still runs in about a millisecond. Not for the step: it would compile faster but run
+# older fusion emitters, the init program (threefry rounds) compiles in a fraction of the time
+# and still runs in no time that matters. Not for the step: it would compile faster but run
 # slower. These programs are integer arithmetic and exact float steps, so their numbers do not
 # depend on the options (tests/test_step.py compares them with the default compile).
 RUN_ONCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}

@@ -92,13 +92,7 @@ def verify(checkpoint: str | Path, data: bytes, record: dict | None, required: b
 
 
 def run_config(record: dict) -> dict:
-    """The run's settings: the `config` mapping, or, in sidecars written before it existed,
-    the same fields at the top level (and the original recipe under its old name, "seed")."""
+    """The run's settings, the `config` mapping (config.Config.to_dict); {} when the sidecar has none
+    (a checkpoint imported from PyTorch)."""
     config = record.get("config")
-    if isinstance(config, dict):
-        return config
-    old = {k: record[k] for k in ("seed", "epochs", "batch_size", "learning_rate", "recipe", "train_examples")
-           if k in record}
-    if old.get("recipe") == "seed":
-        old["recipe"] = "original"
-    return old
+    return config if isinstance(config, dict) else {}

@@ -53,7 +53,7 @@ def create_train_state(config: Config, model: nn.Module | None = None) -> TrainS
     """A fresh run: the model initialised from the config's seed, and its optimiser.
 
     The state's `apply_fn` is the model's own `apply`: the module is what trains. One
-    compiled program (cached like the others), not op-by-op: half the time when warm, and
+    compiled program (cached like the others), not op-by-op: quicker when warm, and
     the same values.
     """
     return _create_train_state(config, model or network(config.ops))
