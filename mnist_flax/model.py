@@ -141,7 +141,7 @@ class ConvBNReLU(nn.Module):
             if train:
                 return self._fused(x, bn, mask)
             # XLA:CPU's convolution of one input channel is far slower than the shifted products
-            # (docs/performance.md), and conv1 is the largest part of evaluating the test set.
+            # (docs/performance.md), and conv1 is a large part of evaluating the test set.
             params = self.get_variable("params", f"conv{self.index}")
             z = ops.conv(x, params["kernel"]) + params["bias"]
         else:

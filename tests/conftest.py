@@ -47,8 +47,8 @@ def end_worker_without_teardown() -> None:
     """The last exit handler of a pytest-xdist worker: ends it once every other handler has run.
 
     What is left after them is the interpreter's teardown, which frees a whole session's modules
-    and compiled programs one by one: 1-2 s at the end of every run, which the controller waits
-    for (docs/performance.md). Of the two handlers registered before this one, logging's runs here
+    and compiled programs one by one, at the end of every run, while the controller waits for it.
+    Of the two handlers registered before this one, logging's runs here
     and execnet's has nothing to do (it closes gateways, and a worker opens none). A worker with
     more (coverage started with the interpreter, say) is left to end the usual way.
     """
