@@ -178,7 +178,7 @@ def make_scene(root: Path, mnist: Path, prepared_tfds: Path | None = None) -> Sc
     """Writes every bad input the cases use under `root`; prepares MNIST unless given `prepared_tfds`."""
     from PIL import Image
 
-    from mnist_flax import checkpoint, export, sidecar
+    from mnist_flax import checkpoint, sidecar, torch_layout, weight_files
     from mnist_flax.model import init_variables
     import jax
 
@@ -217,7 +217,7 @@ def make_scene(root: Path, mnist: Path, prepared_tfds: Path | None = None) -> Sc
     tampered.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     shutil.copy(sidecar.path_for(ckpt), sidecar.path_for(tampered))
     weights = root / "weights.safetensors"
-    weights.write_bytes(export.state_to_safetensors(export.flax_to_torch_state(init_variables(jax.random.key(0))), {}))
+    weights.write_bytes(weight_files.state_to_safetensors(torch_layout.flax_to_torch_state(init_variables(jax.random.key(0))), {}))
     png = root / "digit.png"
     Image.new("L", (28, 28)).save(png)
     text = root / "notes.txt"

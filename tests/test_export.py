@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import require_torch
-from mnist_flax import checkpoint, export, step
+from mnist_flax import checkpoint, export, step, torch_layout, weight_files
 from mnist_flax import config as config_lib
 from mnist_flax.cli import run_main
 from mnist_flax.errors import CheckpointError
@@ -65,7 +65,7 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 # --- pure conversion ---------------------------------------------------------------
 
 def test_state_dict_has_the_original_keys_shapes_and_dtypes():
-    state = export.flax_to_torch_state(random_variables(0), num_batches_tracked=7)
+    state = torch_layout.flax_to_torch_state(random_variables(0), num_batches_tracked=7)
     keys = {f"{layer}{i}.{name}" for i in range(1, 6)
             for layer, names in (("conv", ("weight", "bias")),
                                  ("bn", ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")))
@@ -83,20 +83,20 @@ def test_state_dict_has_the_original_keys_shapes_and_dtypes():
 @given(st.integers(0, 2**32 - 1))
 def test_conversion_round_trip_is_bit_identical(seed):
     variables = random_variables(seed)
-    assert_trees_identical(export.torch_state_to_flax(export.flax_to_torch_state(variables)), variables)
+    assert_trees_identical(torch_layout.torch_state_to_flax(torch_layout.flax_to_torch_state(variables)), variables)
 
 
 def test_conv_kernel_is_oihw():
     variables = random_variables(1)
     kernel = variables["params"]["conv2"]["kernel"]  # HWIO (3, 3, 8, 16)
-    weight = export.flax_to_torch_state(variables)["conv2.weight"]
+    weight = torch_layout.flax_to_torch_state(variables)["conv2.weight"]
     for o, i, h, w in [(0, 0, 0, 0), (15, 7, 2, 1), (3, 5, 1, 2)]:
         assert weight[o, i, h, w] == kernel[h, w, i, o]
 
 
 def test_fc_weight_follows_the_index_formula():
     kernel = random_variables(2)["params"]["fc"]["kernel"]
-    weight = export.fc_kernel_to_torch(kernel)
+    weight = torch_layout.fc_kernel_to_torch(kernel)
     o, c, h, w = np.meshgrid(*(np.arange(n) for n in (10, 8, 8, 8)), indexing="ij")
     assert np.array_equal(weight[o, c * 64 + h * 8 + w], kernel[h * 64 + w * 8 + c, o])
 
@@ -108,7 +108,7 @@ def test_fc_permutation_matches_torch_flatten_and_linear():
     nhwc = np.random.default_rng(0).standard_normal((4, 8, 8, 8)).astype(np.float32)
     flax_out = nhwc.reshape(4, -1) @ kernel + bias  # what CNN's reshape + Dense compute
     nchw = torch.from_numpy(nhwc.transpose(0, 3, 1, 2).copy())
-    torch_out = torch.nn.functional.linear(torch.flatten(nchw, 1), torch.from_numpy(export.fc_kernel_to_torch(kernel)),
+    torch_out = torch.nn.functional.linear(torch.flatten(nchw, 1), torch.from_numpy(torch_layout.fc_kernel_to_torch(kernel)),
                                            torch.from_numpy(bias)).numpy()
     np.testing.assert_allclose(torch_out, flax_out, rtol=1e-5, atol=1e-5)
 
@@ -173,7 +173,7 @@ def test_the_npz_reader_reads_what_np_load_reads(members, compressed, extra_byte
     with zipfile.ZipFile(buffer, "a", zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED) as zf:
         zf.writestr("notes.txt", extra_bytes)  # read twice: its first bytes, then (after a seek) all of it
     data = buffer.getvalue()
-    ours = export.npz_from_bytes(data, "weights.npz")
+    ours = weight_files.npz_from_bytes(data, "weights.npz")
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
         theirs = {name: npz[name] for name in npz.files}
     assert list(ours) == list(theirs)
@@ -188,11 +188,11 @@ def test_npz_format_is_inferred_from_the_output_name_and_loads_without_pickle(tm
     source = save_random_checkpoint(tmp_path)
     assert run_cli(capsys, source, "-o", tmp_path / "w.npz")[0] == 0
     with np.load(tmp_path / "w.npz", allow_pickle=False) as npz:
-        assert set(npz.files) == set(export.torch_template())
+        assert set(npz.files) == set(torch_layout.torch_template())
 
 
 def test_import_without_accuracy_writes_exactly_to_o(tmp_path, capsys):
-    state = export.flax_to_torch_state(random_variables(5), 11)
+    state = torch_layout.flax_to_torch_state(random_variables(5), 11)
     weights = tmp_path / "from_elsewhere.safetensors"
     safetensors.numpy.save_file(state, weights)
     out = tmp_path / "exact-name.msgpack"
@@ -228,7 +228,7 @@ def test_usage_errors(capsys, argv, message):
 # --- strict import -----------------------------------------------------------------
 
 def good_state() -> dict:
-    return export.flax_to_torch_state(random_variables(6), 3)
+    return torch_layout.flax_to_torch_state(random_variables(6), 3)
 
 
 def with_(state, **changes):
@@ -262,16 +262,16 @@ BAD_STATES = {
 def test_import_rejects_a_state_that_does_not_fit(tmp_path, fmt, case):
     state, message = BAD_STATES[case]
     path = tmp_path / f"bad.{fmt}"
-    path.write_bytes(export.state_to_safetensors(state, {}) if fmt == "safetensors" else export.state_to_npz(state))
+    path.write_bytes(weight_files.state_to_safetensors(state, {}) if fmt == "safetensors" else weight_files.state_to_npz(state))
     if fmt == "npz" and message[:1] in "FI" and message[1:].isdigit():
         message = "the model needs"  # npz has no header; the dtype shows in the array check
     with pytest.raises(CheckpointError) as e:
-        export.read_weights_file(path)
+        weight_files.read_weights_file(path)
     assert str(path) in str(e.value) and message in str(e.value)
 
 
 def good_bytes() -> bytes:
-    return export.state_to_safetensors(good_state(), {"test_accuracy": "0.9"})
+    return weight_files.state_to_safetensors(good_state(), {"test_accuracy": "0.9"})
 
 
 def pickled_npz() -> bytes:
@@ -299,21 +299,21 @@ def test_import_rejects_a_corrupt_or_hostile_file(tmp_path, case):
     path = tmp_path / "weights.safetensors"
     path.write_bytes(data)
     with pytest.raises(CheckpointError) as e:
-        export.read_weights_file(path)
+        weight_files.read_weights_file(path)
     assert str(path) in str(e.value) and message in str(e.value)
 
 
 def test_import_rejects_an_oversized_file_before_reading_it(tmp_path):
     path = tmp_path / "huge.safetensors"
     with open(path, "wb") as f:
-        f.truncate(export.MAX_FILE_BYTES + 1)  # sparse: costs no disk
+        f.truncate(weight_files.MAX_FILE_BYTES + 1)  # sparse: costs no disk
     with pytest.raises(CheckpointError, match="far larger"):
-        export.read_weights_file(path)
+        weight_files.read_weights_file(path)
 
 
 def test_cli_reports_a_bad_file_on_one_line_and_writes_nothing(tmp_path, capsys):
     path = tmp_path / "bad.safetensors"
-    path.write_bytes(export.state_to_safetensors(BAD_STATES["NaN"][0], {}))
+    path.write_bytes(weight_files.state_to_safetensors(BAD_STATES["NaN"][0], {}))
     out = tmp_path / "out.msgpack"
     rc, _, err = run_cli(capsys, "--from-torch", path, "-o", out)
     assert rc == 1 and err.count("\n") == 1 and "NaN" in err and str(path) in err

@@ -2,7 +2,7 @@
 
 Loaders: `checkpoint.variables_from_bytes` / `load_checkpoint` (msgpack),
 `resume.load_resume_state` (msgpack), and export's safetensors and npz readers
-(`export.read_weights_file`). Each is fed random bytes, valid files with bytes
+(`weight_files.read_weights_file`). Each is fed random bytes, valid files with bytes
 flipped, inserted, deleted or cut off anywhere, and hand-built hostile
 structures: nesting thousands of levels deep, lengths claiming 2^31 elements or
 more with almost no data, wrong types at every level of the tree, extra keys,
@@ -43,7 +43,7 @@ from flax import serialization
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from mnist_flax import checkpoint, export, resume, sidecar, step
+from mnist_flax import checkpoint, resume, sidecar, step, torch_layout, weight_files
 from mnist_flax import config as config_lib
 from mnist_flax.errors import CheckpointError
 from mnist_flax.loop import Position
@@ -113,9 +113,9 @@ STATE = jax.device_get(step.create_train_state(CONFIG))
 VARIABLES = step.model_variables(STATE)
 CKPT_BYTES = checkpoint.variables_to_bytes(VARIABLES)
 CKPT_TREE = serialization.msgpack_restore(CKPT_BYTES)
-TORCH_STATE = export.flax_to_torch_state(VARIABLES, 7)
-SAFETENSORS_BYTES = export.state_to_safetensors(TORCH_STATE, {"test_accuracy": "0.5"})
-NPZ_BYTES = export.state_to_npz(TORCH_STATE)
+TORCH_STATE = torch_layout.flax_to_torch_state(VARIABLES, 7)
+SAFETENSORS_BYTES = weight_files.state_to_safetensors(TORCH_STATE, {"test_accuracy": "0.5"})
+NPZ_BYTES = weight_files.state_to_npz(TORCH_STATE)
 
 
 def _resume_bytes() -> bytes:
@@ -163,7 +163,7 @@ def test_the_seed_files_are_valid(workdir):
     assert position.batch == 3
     for name, data in (("w.safetensors", SAFETENSORS_BYTES), ("w.npz", NPZ_BYTES)):
         (workdir / name).write_bytes(data)
-        assert int(export.read_weights_file(workdir / name).state["bn1.num_batches_tracked"]) == 7
+        assert int(weight_files.read_weights_file(workdir / name).state["bn1.num_batches_tracked"]) == 7
 
 
 # --- strategies ----------------------------------------------------------------------
@@ -428,7 +428,7 @@ def test_resume_wrong_config_and_position_fields(workdir, data):
 def load_weights(workdir: Path, data: bytes, name: str):
     path = workdir / name
     path.write_bytes(data)
-    return check_loader(name, lambda: export.read_weights_file(path), str(path))
+    return check_loader(name, lambda: weight_files.read_weights_file(path), str(path))
 
 
 def safetensors_file(header, payload: bytes = b"", length: int | None = None) -> bytes:
@@ -490,7 +490,7 @@ def test_safetensors_mutated(workdir, data):
     # the length prefix: oversized, larger than the file, zero, or 2^64 - 1
     st.builds(lambda n, rest: struct.pack("<Q", n) + rest,
               st.one_of(st.integers(0, 2**64 - 1), big_ints.filter(lambda n: 0 <= n < 2**64),
-                        st.integers(export.MAX_HEADER_BYTES - 2, export.MAX_HEADER_BYTES + 2)),
+                        st.integers(weight_files.MAX_HEADER_BYTES - 2, weight_files.MAX_HEADER_BYTES + 2)),
               st.binary(max_size=256)),
     st.builds(safetensors_file, json_values),
     st.builds(lambda d: safetensors_file(b"[" * d + b"]" * d), st.integers(1_000, 30_000)),
@@ -498,7 +498,7 @@ def test_safetensors_mutated(workdir, data):
 @example(safetensors_file(b"[" * 30_000 + b"]" * 30_000))  # was RecursionError
 @example(safetensors_file(b'{"a": ' + b"9" * 5000 + b"}"))  # was ValueError (int digit limit)
 @example(safetensors_file({}, length=2**64 - 1))
-@example(safetensors_file(b"{}", length=export.MAX_HEADER_BYTES + 1))
+@example(safetensors_file(b"{}", length=weight_files.MAX_HEADER_BYTES + 1))
 def test_safetensors_random_and_hostile_headers(workdir, data):
     load_weights(workdir, data, "fuzz.safetensors")
 
@@ -625,7 +625,7 @@ def test_npz_object_array_is_refused_without_unpickling(workdir):
     path = workdir / "pickled.npz"
     path.write_bytes(data)
     with pytest.raises(CheckpointError, match="allow_pickle|Object arrays"):
-        export.read_weights_file(path)
+        weight_files.read_weights_file(path)
     assert not _UNPICKLED
 
 
