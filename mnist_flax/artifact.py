@@ -18,27 +18,23 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import tempfile
-import urllib.error
-import urllib.parse
-import urllib.request
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from mnist_flax import cli, sidecar
+from mnist_flax import cli, github, sidecar
 from mnist_flax.cli import ArgumentParser, add_debug_flag
-from mnist_flax.errors import MnistFlaxError, UsageError
+from mnist_flax.errors import UsageError
+from mnist_flax.github import GitHubError, download, get_json, next_link, open_api, same_origin, unreachable
 
-DEFAULT_API = "https://api.github.com"
 DEFAULT_PREFIX = "mnist-flax-model"
 TIMEOUT_S = 30.0
 MAX_BYTES = 256 * 1024 * 1024  # cap on the download and on the unpacked total
 MAX_PAGES = 20  # 2000 artifacts is far more than this project ever keeps
 
 
-class ArtifactError(MnistFlaxError):
+class ArtifactError(GitHubError):
     """The artifact cannot be listed, downloaded, unpacked or verified."""
 
 
@@ -88,136 +84,29 @@ def _created(artifact: dict) -> dt.datetime:
     return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
 
 
-def next_link(link_header: str | None) -> str | None:
-    """The rel="next" URL of a GitHub Link header, if any."""
-    for part in (link_header or "").split(","):
-        m = re.match(r'\s*<([^>]*)>\s*;.*\brel="?next"?', part)
-        if m:
-            return m.group(1)
-    return None
-
-
 def unsafe_member(name: str) -> bool:
     """True for zip member names that could land outside the extraction dir."""
     parts = name.replace("\\", "/").split("/")
     return name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) is not None or ".." in parts
 
 
-class _StripAuthOnHostChange(urllib.request.HTTPRedirectHandler):
-    # urllib copies every header onto the redirected request; GitHub redirects
-    # the zip to a pre-signed storage URL that must not see our token.
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc:
-            new.remove_header("Authorization")
-        return new
-
-
-def rate_limit_wait(status: int, headers, message: str) -> str | None:
-    """How long GitHub asks a rate-limited client to wait, or None if this is no rate limit.
-
-    As GitHub documents it: a primary or secondary limit answers 403 or 429. Wait the
-    `retry-after` seconds if given; else, if `x-ratelimit-remaining` is 0, until
-    `x-ratelimit-reset`; else (a secondary limit without either) at least a minute.
-    """
-    if status not in (403, 429):
-        return None
-    retry, remaining, reset = (headers.get(h, "") for h in ("retry-after", "x-ratelimit-remaining", "x-ratelimit-reset"))
-    if retry.isdigit():
-        return f"retry after {int(retry)} s"
-    if remaining == "0" and reset.isdigit():
-        return f"it resets at {dt.datetime.fromtimestamp(int(reset), dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC"
-    if status == 429 or remaining == "0" or "rate limit" in message.lower():
-        return "wait at least a minute before retrying"
-    return None
-
-
-def _http_error(e: urllib.error.HTTPError, what: str) -> ArtifactError:
-    try:
-        detail = json.loads(e.read(64 * 1024) or b"{}").get("message", "")
-    except (ValueError, AttributeError, OSError):
-        detail = ""
-    detail = f" ({detail})" if detail else ""
-    wait = rate_limit_wait(e.code, e.headers, detail)
-    if wait:
-        return ArtifactError(f"GitHub API rate limit exceeded while {what}{detail}; {wait}")
-    if e.code == 401:
-        return ArtifactError(f"GitHub rejected the token (401{detail}); check --token / GITHUB_TOKEN / GH_TOKEN")
-    if e.code == 403:
-        return ArtifactError(
-            f"forbidden (403{detail}) while {what}; the token needs read access to Actions (actions:read)"
-        )
-    if e.code == 404:
-        return ArtifactError(
-            f"not found (404) while {what}; check OWNER/REPO, and that the token can see a private repository"
-        )
-    if e.code == 410:
-        return ArtifactError(
-            f"the artifact is gone (410) while {what}; artifacts expire after 90 days; re-run the workflow"
-        )
-    return ArtifactError(f"HTTP {e.code} {e.reason}{detail} while {what}")
-
-
-def _open(url: str, token: str, what: str, timeout: float):
-    req = urllib.request.Request(url, headers={
-        "Accept": "application/vnd.github+json",
-        "X-GitHub-Api-Version": "2022-11-28",
-        "Authorization": f"Bearer {token}",
-        "User-Agent": "mnist-flax-artifact",
-    })
-    try:
-        return urllib.request.build_opener(_StripAuthOnHostChange).open(req, timeout=timeout)
-    except urllib.error.HTTPError as e:
-        raise _http_error(e, what) from e
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-        raise _unreachable(url, e) from e
-
-
-def _unreachable(url: str, e: Exception) -> ArtifactError:
-    reason = getattr(e, "reason", None) or e
-    host = urllib.parse.urlsplit(url).netloc
-    return ArtifactError(f"could not reach {host}: {reason}; check your network / proxy / MNIST_FLAX_GITHUB_API")
-
-
-def _same_origin(url: str, base: str) -> str:
-    # The token goes to every URL we open ourselves, so only ever open the API's.
-    u, b = urllib.parse.urlsplit(url), urllib.parse.urlsplit(base)
-    if (u.scheme, u.netloc) != (b.scheme, b.netloc):
-        raise ArtifactError(f"refusing to send the token to {u.scheme}://{u.netloc} (API is {base})")
-    return url
-
-
 def list_artifacts(api: str, repo: str, token: str, timeout: float) -> list[dict]:
     # No `name=` filter: GitHub matches it exactly, and our names end in the accuracy.
     url, found = f"{api}/repos/{repo}/actions/artifacts?per_page=100", []
     for _ in range(MAX_PAGES):
-        with _open(url, token, f"listing artifacts of {repo}", timeout) as resp:
+        with open_api(url, token, f"listing artifacts of {repo}", timeout) as resp:
             try:
                 page = json.loads(resp.read())
                 found.extend(page["artifacts"])
             except (ValueError, KeyError, TypeError, RecursionError) as e:
                 raise ArtifactError(f"unexpected answer from {api} while listing artifacts: {e}"[:300]) from None
             except (OSError, http.client.HTTPException) as e:
-                raise _unreachable(url, e) from e
+                raise unreachable(url, e) from e
             url = next_link(resp.headers.get("Link"))
         if not url:
             break
-        _same_origin(url, api)
+        same_origin(url, api)
     return found
-
-
-def get_json(api: str, path: str, token: str, what: str, timeout: float) -> dict:
-    url = f"{api}{path}"
-    with _open(url, token, what, timeout) as resp:
-        try:
-            value = json.loads(resp.read())
-        except (ValueError, RecursionError) as e:
-            raise ArtifactError(f"unexpected answer from {api} while {what}: {e}"[:300]) from None
-        except (OSError, http.client.HTTPException) as e:
-            raise _unreachable(url, e) from e
-    if not isinstance(value, dict):
-        raise ArtifactError(f"unexpected answer from {api} while {what}: not a JSON object")
-    return value
 
 
 def repository_trust(api: str, repo: str, token: str, timeout: float, branch: str | None,
@@ -239,19 +128,6 @@ def first_successful(api: str, repo: str, token: str, timeout: float, candidates
             return candidate
     raise ArtifactError(f"none of the {len(candidates)} matching artifacts comes from a successful run; "
                         "re-run the workflow")
-
-
-def download(url: str, token: str, into, timeout: float) -> None:
-    with _open(url, token, "downloading the artifact", timeout) as resp:
-        total = 0
-        try:
-            while chunk := resp.read(1 << 20):
-                total += len(chunk)
-                if total > MAX_BYTES:
-                    raise ArtifactError(f"artifact is larger than {MAX_BYTES / 2**20:g} MiB; refusing it")
-                into.write(chunk)
-        except (OSError, http.client.HTTPException) as e:
-            raise _unreachable(url, e) from e
 
 
 def extract_verified(zip_file, dest: Path) -> list[Path]:
@@ -301,33 +177,6 @@ def verify_checksum(ckpt: Path) -> None:
     sidecar.verify(ckpt, ckpt.read_bytes(), sidecar.read(ckpt), required=True)
 
 
-GH_TIMEOUT_S = 10.0
-
-
-def gh_auth_token() -> str | None:
-    """The token GitHub's CLI is logged in with (`gh auth token`), or None without gh or a login."""
-    gh = shutil.which("gh")
-    if gh is None:
-        return None
-    try:
-        result = subprocess.run([gh, "auth", "token"], capture_output=True, text=True, timeout=GH_TIMEOUT_S,
-                                stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    token = result.stdout.strip()
-    return token if result.returncode == 0 and token else None
-
-
-def _token(flag: str | None) -> str:
-    token = flag or os.environ.get("GITHUB_TOKEN") or os.environ.get("GH_TOKEN") or gh_auth_token()
-    if not token:
-        raise ArtifactError(
-            "no GitHub token: pass --token or set GITHUB_TOKEN / GH_TOKEN, or log in to GitHub's CLI with "
-            "`gh auth login` (downloading artifacts needs a token even from public repositories)"
-        )
-    return token
-
-
 def _percent(acc) -> str:
     return f"{100 * acc:.2f}%" if isinstance(acc, (int, float)) else "unknown"
 
@@ -350,8 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.timeout > 0:
         raise UsageError(f"--timeout must be > 0, got {args.timeout}")
 
-    token = _token(args.token)
-    api = os.environ.get("MNIST_FLAX_GITHUB_API", DEFAULT_API).rstrip("/")
+    token = github.token(args.token)
+    api = github.api_root()
     trust = repository_trust(api, args.repo, token, args.timeout, args.branch, args.allow_forks)
     candidates = choose_artifact(list_artifacts(api, args.repo, token, args.timeout), args.name_prefix, trust)
     art = first_successful(api, args.repo, token, args.timeout, candidates)
@@ -363,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     dest = args.dest or Path("artifacts", "downloaded", name)
     _check_free(dest)  # before spending time on the download
     with tempfile.TemporaryFile() as zip_file:
-        download(_same_origin(art["archive_download_url"], api), token, zip_file, args.timeout)
+        download(same_origin(art["archive_download_url"], api), token, zip_file, args.timeout, MAX_BYTES)
         zip_file.seek(0)
         checkpoints = extract_verified(zip_file, dest)
 

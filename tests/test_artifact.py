@@ -23,7 +23,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mnist_flax import artifact
+from mnist_flax import artifact, github
 from mnist_flax.cli import run_main
 
 TOKEN = "good-token"
@@ -450,7 +450,7 @@ def test_usage_errors_exit_2(gh, capsys):
 
 def test_debug_reraises(gh, capsys, monkeypatch):
     monkeypatch.delenv("GITHUB_TOKEN")
-    with pytest.raises(artifact.ArtifactError):
+    with pytest.raises(github.GitHubError):  # no token: the client says so
         run_main(artifact.main, [REPO, "--debug"])
 
 
@@ -476,9 +476,9 @@ def test_choose_artifact_mixed_time_formats():
 
 def test_next_link():
     link = '<https://api.github.com/x?page=2>; rel="next", <https://api.github.com/x?page=5>; rel="last"'
-    assert artifact.next_link(link) == "https://api.github.com/x?page=2"
-    assert artifact.next_link('<https://api.github.com/x?page=1>; rel="prev"') is None
-    assert artifact.next_link(None) is None
+    assert github.next_link(link) == "https://api.github.com/x?page=2"
+    assert github.next_link('<https://api.github.com/x?page=1>; rel="prev"') is None
+    assert github.next_link(None) is None
 
 
 listing_item = st.fixed_dictionaries({
