@@ -152,8 +152,8 @@ def tfds_data_dir() -> Path:
 
 
 def has_mnist(path: Path) -> bool:
-    from mnist_flax import data
-    return all((path / f"{n}.gz").is_file() or (path / n).is_file() for n in data.FILE_NAMES)
+    from mnist_flax import idx_files
+    return all((path / f"{n}.gz").is_file() or (path / n).is_file() for n in idx_files.FILE_NAMES)
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -166,7 +166,7 @@ def write_idx_files_from_prepared(data_dir: Path, directory: Path) -> bool:
     """Writes the four IDX files into `directory` from the MNIST a training run prepared in `data_dir`
     (offline, from --manual-dir, it downloads nothing, so only the prepared dataset is left there).
     False if there is none. data.py checks their sha256 when a fixture prepares from them."""
-    from mnist_flax import data
+    from mnist_flax import data, idx_files
     from mnist_flax.atomic import atomic_write_bytes
     builder = data.MnistIdx(data_dir=str(data_dir))
     if not builder.is_prepared():
@@ -177,7 +177,7 @@ def write_idx_files_from_prepared(data_dir: Path, directory: Path) -> bool:
             splits = {"train": (arrays.train_images, arrays.train_labels),
                       "test": (arrays.test_images, arrays.test_labels)}
             for split, (images, labels) in splits.items():
-                images_name, labels_name = data.SPLIT_FILES[split]
+                images_name, labels_name = idx_files.SPLIT_FILES[split]
                 atomic_write_bytes(directory / images_name, idx_bytes(images[..., 0]))
                 atomic_write_bytes(directory / labels_name, idx_bytes(labels.astype("uint8")))
     return True
@@ -192,8 +192,8 @@ def mnist_manual_dir(tmp_path_factory) -> Path:
     test under CI (where they must be there) and skip it elsewhere; the session's summary counts
     those skips and says how to run them.
     """
-    from mnist_flax import data
-    env = os.environ.get(data.MANUAL_DIR_ENV)
+    from mnist_flax import idx_files
+    env = os.environ.get(idx_files.MANUAL_DIR_ENV)
     if env and has_mnist(Path(env)):
         return Path(env)
     downloads = tfds_data_dir() / "downloads"
@@ -226,10 +226,10 @@ def pytest_collection_modifyitems(items):
 def pytest_terminal_summary(terminalreporter):
     skipped = [r for r in terminalreporter.stats.get("skipped", []) if MISSING_MNIST in str(r.longrepr)]
     if skipped:
-        from mnist_flax import data
+        from mnist_flax import idx_files
         terminalreporter.write_line(
             f"{len(skipped)} tests on the real MNIST were skipped: MNIST was found neither in "
-            f"${data.MANUAL_DIR_ENV} nor in {tfds_data_dir()}. Set {data.MANUAL_DIR_ENV}=DIR (a folder with "
+            f"${idx_files.MANUAL_DIR_ENV} nor in {tfds_data_dir()}. Set {idx_files.MANUAL_DIR_ENV}=DIR (a folder with "
             "the four IDX files), or run `python -m mnist_flax.train` once, which prepares MNIST there.",
             yellow=True, bold=True)
 

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import idx_bytes
-from mnist_flax import config, data, decoded
+from mnist_flax import config, data, decoded, idx_files
 from mnist_flax.errors import DataError
 
 TINY_COUNTS = {"train": 20, "test": 10}
@@ -27,7 +27,7 @@ def tiny_idx_set(seed: int = 0) -> dict[str, bytes]:
     """Decompressed IDX bytes of a tiny MNIST look-alike, by file name."""
     rng = np.random.default_rng(seed)
     arrays = {}
-    for split, (images_name, labels_name) in data.SPLIT_FILES.items():
+    for split, (images_name, labels_name) in idx_files.SPLIT_FILES.items():
         n = TINY_COUNTS[split]
         arrays[images_name] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
         arrays[labels_name] = rng.integers(0, 10, (n,), dtype=np.uint8)
@@ -79,8 +79,8 @@ def assert_arrays_equal(actual: data.MnistArrays, expected: data.MnistArrays):
 @pytest.fixture(autouse=True)
 def no_data_env(monkeypatch):
     """The builders here read only what each test gives them, whatever the environment says."""
-    monkeypatch.delenv(data.MANUAL_DIR_ENV, raising=False)
-    monkeypatch.delenv(data.MIRRORS_ENV, raising=False)
+    monkeypatch.delenv(idx_files.MANUAL_DIR_ENV, raising=False)
+    monkeypatch.delenv(idx_files.MIRRORS_ENV, raising=False)
 
 
 @pytest.mark.parametrize("gz", [True, False], ids=["gz", "decompressed"])
@@ -267,12 +267,12 @@ def test_missing_manual_dir_names_path_and_files(tmp_path):
     with pytest.raises(DataError) as e:
         data.load_mnist(data_dir=str(tmp_path / "tfds"), manual_dir=str(missing))
     assert str(missing) in str(e.value)
-    assert all(name in str(e.value) for name in data.FILE_NAMES)
+    assert all(name in str(e.value) for name in idx_files.FILE_NAMES)
 
 
 def test_manual_dir_comes_from_env(tmp_path, monkeypatch):
     missing = tmp_path / "from_env"
-    monkeypatch.setenv(data.MANUAL_DIR_ENV, str(missing))
+    monkeypatch.setenv(idx_files.MANUAL_DIR_ENV, str(missing))
     with pytest.raises(DataError, match=str(missing)):
         data.load_mnist(data_dir=str(tmp_path / "tfds"))
 
@@ -320,7 +320,7 @@ def test_mirrors_come_from_the_environment(tmp_path, http_root, monkeypatch):
     root, url = http_root
     files = tiny_idx_set()
     write_set(root / "ours", files)
-    monkeypatch.setenv(data.MIRRORS_ENV, f" {url}missing/ ,{url}ours/")
+    monkeypatch.setenv(idx_files.MIRRORS_ENV, f" {url}missing/ ,{url}ours/")
     cls = tiny_builder_cls(files, mirrors=["https://unreachable.invalid/"])
     assert_arrays_equal(data.load_builder(cls(data_dir=tmp_path / "tfds")), expected_arrays(files))
 
@@ -345,7 +345,7 @@ def test_no_network_fails_fast_with_instructions(tmp_path, silent_server):
         data.load_builder(cls(data_dir=tmp_path / "tfds"))
     assert time.monotonic() - start < 5
     message = str(e.value)
-    assert "--manual-dir" in message and data.MANUAL_DIR_ENV in message
+    assert "--manual-dir" in message and idx_files.MANUAL_DIR_ENV in message
     assert refused_url in message and silent_server in message
     assert not (tmp_path / "tfds" / "downloads" / "train-images-idx3-ubyte.gz").exists()
 
@@ -359,7 +359,7 @@ def test_default_download_is_https_and_bounded():
 @given(st.integers(0, 5), st.integers(1, 4), st.integers(1, 4), st.binary(min_size=80, max_size=80))
 def test_parse_idx_round_trips(n, h, w, pixels):
     array = np.frombuffer(pixels, np.uint8)[: n * h * w].reshape(n, h, w)
-    np.testing.assert_array_equal(data.parse_idx(idx_bytes(array), (n, h, w), "x"), array)
+    np.testing.assert_array_equal(idx_files.parse_idx(idx_bytes(array), (n, h, w), "x"), array)
 
 
 def test_real_mnist(mnist_arrays):

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from mnist_flax import data
+from mnist_flax import data, idx_files
 
 pytestmark = pytest.mark.slow  # pytest runs of its own, each preparing MNIST
 
@@ -43,4 +43,4 @@ def test_the_suite_finds_mnist_where_training_left_it(tmp_path, mnist_manual_dir
 
 
 def data_files(directory):
-    return [next(p for p in (directory / f"{n}.gz", directory / n) if p.is_file()) for n in data.FILE_NAMES]
+    return [next(p for p in (directory / f"{n}.gz", directory / n) if p.is_file()) for n in idx_files.FILE_NAMES]
