@@ -37,15 +37,11 @@ ONNX_CHECK_IMAGES = 256  # random uint8 images every ONNX export is checked on b
 ONNX_LOGIT_TOLERANCE = 1e-4
 
 
-def _whole(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def num_batches_from_sidecar(record: dict | None) -> tuple[int, str]:
     """BatchNorm's num_batches_tracked for a run, and where the number came from."""
     record = record or {}
     known = record.get("num_batches_tracked")
-    if _whole(known) and known >= 0:
+    if isinstance(known, int) and not isinstance(known, bool) and known >= 0:
         return known, "sidecar num_batches_tracked"
     return 0, "unknown (no num_batches_tracked in a sidecar): 0"
 

@@ -1,7 +1,7 @@
 """The train state, the training step and evaluation: pure functions from (state, data) to results.
 
 Nothing here reads files or flags. `train_step` is one optax update of the model that
-`create_train_state` was given (by default `model.CNN`, in the form `ops.use_fused` picks);
+`create_train_state` was given (by default `model.network(config.ops)`, the one factory);
 `multi_step` runs several of them per compiled call. loop.py runs the calls.
 """
 
