@@ -5,6 +5,7 @@ real MNIST test set; they skip without torch or MNIST, except under $CI.
 """
 
 import hashlib
+import importlib
 import io
 import json
 import zipfile
@@ -17,7 +18,7 @@ import safetensors.numpy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import require_torch
+from conftest import TORCH_INSTALL, require
 from mnist_flax import checkpoint, export, step, torch_layout, weight_files
 from mnist_flax import config as config_lib
 from mnist_flax.cli import run_main
@@ -28,6 +29,13 @@ EXPECTED_SHAPES = {
     "conv4.weight": (16, 8, 3, 3), "conv5.weight": (8, 16, 3, 3), "fc.weight": (10, 512), "fc.bias": (10,),
 }
 LOGIT_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def torch_original():
+    """The repository's PyTorch original (pytorch_original/), with torch imported."""
+    require("torch", TORCH_INSTALL)
+    return importlib.import_module("pytorch_original")
 
 
 def random_variables(seed: int) -> dict:
@@ -102,7 +110,7 @@ def test_fc_weight_follows_the_index_formula():
 
 
 def test_fc_permutation_matches_torch_flatten_and_linear():
-    torch = require_torch()
+    torch = require("torch", TORCH_INSTALL)
     variables = random_variables(3)
     kernel, bias = variables["params"]["fc"]["kernel"], variables["params"]["fc"]["bias"]
     nhwc = np.random.default_rng(0).standard_normal((4, 8, 8, 8)).astype(np.float32)
@@ -333,7 +341,7 @@ def torch_logits(torch, model, images: np.ndarray, batch: int = 1000) -> np.ndar
 
 def test_exported_weights_give_flax_logits_in_pytorch(tmp_path, capsys, torch_original, trained_checkpoint,
                                                       test_set, flax_test_logits):
-    torch = require_torch()
+    torch = require("torch", TORCH_INSTALL)
     from safetensors.torch import load_file
 
     weights = tmp_path / "trained.safetensors"
@@ -355,7 +363,7 @@ def test_exported_weights_give_flax_logits_in_pytorch(tmp_path, capsys, torch_or
 
 def test_exported_npz_loads_strictly_in_pytorch(tmp_path, capsys, torch_original, trained_checkpoint,
                                                 test_set, flax_test_logits):
-    torch = require_torch()
+    torch = require("torch", TORCH_INSTALL)
     weights = tmp_path / "trained.npz"
     assert run_cli(capsys, trained_checkpoint, "-o", weights)[0] == 0
     with np.load(weights, allow_pickle=False) as npz:
@@ -367,7 +375,7 @@ def test_exported_npz_loads_strictly_in_pytorch(tmp_path, capsys, torch_original
 
 
 def test_pytorch_weights_import_with_the_same_logits(tmp_path, capsys, torch_original):
-    torch = require_torch()
+    torch = require("torch", TORCH_INSTALL)
     from safetensors.torch import save_file
 
     torch.manual_seed(0)

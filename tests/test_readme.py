@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, TEST_CACHE_ENV, TORCH_INSTALL, require_installed
+from conftest import REPO, TEST_CACHE_ENV, TORCH_INSTALL, require
 from mnist_flax import sidecar
 
 README = (REPO / "README.md").read_text()
@@ -80,7 +80,7 @@ def run_export_then_snippet(tmp_path, trained_checkpoint, mnist_data_dir, mnist_
 @pytest.mark.slow
 def test_pytorch_snippet_runs_as_written(tmp_path, trained_checkpoint, mnist_data_dir, mnist_manual_dir):
     """After the README's own export command, its PyTorch snippet gives the checkpoint's accuracy."""
-    require_installed("torch", TORCH_INSTALL)  # the snippet imports it, in its own process
+    require("torch", TORCH_INSTALL, imported=False)  # the snippet imports it, in its own process
     out = run_export_then_snippet(tmp_path, trained_checkpoint, mnist_data_dir, mnist_manual_dir,
                                   lambda cmd: cmd.startswith("python -m mnist_flax.export artifacts -o"),
                                   "load_state_dict")
@@ -91,7 +91,7 @@ def test_pytorch_snippet_runs_as_written(tmp_path, trained_checkpoint, mnist_dat
 @pytest.mark.slow
 def test_onnx_snippet_runs_as_written(tmp_path, trained_checkpoint, mnist_data_dir, mnist_manual_dir):
     """The README's ONNX export command, then its onnxruntime snippet: the checkpoint's accuracy."""
-    require_installed("onnxruntime", "pip install 'mnist-flax[onnx]'")
+    require("onnxruntime", "pip install 'mnist-flax[onnx]'", imported=False)
     out = run_export_then_snippet(tmp_path, trained_checkpoint, mnist_data_dir, mnist_manual_dir,
                                   lambda cmd: "--format onnx" in cmd, "onnxruntime")
     accuracy = sidecar.read(trained_checkpoint)["test_accuracy"]

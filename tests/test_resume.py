@@ -13,7 +13,6 @@ import chex
 import numpy as np
 import pytest
 
-import conftest
 from mnist_flax import resume, step, training
 from mnist_flax import config as config_lib
 from mnist_flax.errors import CheckpointError
@@ -64,18 +63,10 @@ def interrupt_at_random_step(cmd, sig, rng):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, mnist_data_dir, mnist_manual_dir):
-    """The checkpoint of the same command run through without a signal.
-
-    Kept between sessions like the session's trained checkpoint (conftest.py), under its digest
-    and these flags: a later session compares its resumed runs with a process of an earlier one.
-    """
+    """The checkpoint of the same command run through without a signal."""
     out = tmp_path_factory.mktemp("uninterrupted")
-    kept = conftest.kept_checkpoints_dir() / ("uninterrupted-" + conftest.trained_checkpoint_key(REPO_ROOT, *QUICK))
-    if conftest.copy_valid_checkpoint(kept, out):
-        return next(out.glob("*.msgpack"))
     result = run(train_cmd(out, mnist_data_dir, mnist_manual_dir, *QUICK))
     assert result.returncode == 0, result.stderr[-2000:]
-    conftest.keep_checkpoint(next(out.glob("*.msgpack")), kept)
     return next(out.glob("*.msgpack"))
 
 
