@@ -16,8 +16,6 @@ renaming, not a guess.
 """
 
 import functools
-import math
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -83,23 +81,10 @@ class BatchNorm(nn.Module):
         return (x - batch_mean) * jax.lax.rsqrt(batch_var + self.epsilon) * scale + bias
 
 
-def drawn_flat(init: Callable) -> Callable:
-    """A fan-in initializer that draws its numbers as a 2-D (fan_in, features) array, then reshapes.
-
-    The values are the same (JAX's threefry numbers the elements by flat index; test_model
-    checks it), but XLA:CPU compiles threefry over a 4-D kernel shape far more slowly than over
-    a 2-D one, and those compiles were most of a first run's start-up (docs/performance.md).
-    Only for fan-in initializers: fan-out would see other shapes.
-    """
-    def flat(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
-        return init(key, (math.prod(shape[:-1]), shape[-1]), dtype).reshape(shape)
-    return flat
-
-
 # PyTorch's default initialisation for Conv2d and Linear: weights and biases uniform in
 # +-1/sqrt(fan_in). Flax's defaults (LeCun normal, zero bias) train differently, and the point
 # here is to mirror the original.
-torch_kernel_init = drawn_flat(nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"))
+torch_kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
 def torch_bias_init(fan_in: int):
