@@ -1,7 +1,11 @@
-"""Fetch the newest trained checkpoint that CI uploaded as a GitHub Actions artifact.
+"""Fetch the newest trained checkpoint that CI uploaded as a GitHub Actions artifact, or published.
 
     python -m mnist_flax.artifact OWNER/REPO [--dest DIR] [--token T] [--evaluate]
                                   [--branch B] [--allow-forks]
+    python -m mnist_flax.artifact OWNER/REPO --release [TAG] [--dest DIR] [--evaluate]
+
+With --release it takes a published model release instead (release.py): permanent, and with
+no token needed for a public repository. Without it:
 
 Lists the repository's artifacts and takes the newest unexpired one whose name starts
 with the prefix and that a successful run on the repository's default branch (or
@@ -23,7 +27,7 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from mnist_flax import cli, github, sidecar
+from mnist_flax import cli, github, release, sidecar
 from mnist_flax.cli import ArgumentParser, add_debug_flag
 from mnist_flax.errors import UsageError
 from mnist_flax.github import GitHubError, download, get_json, next_link, open_api, same_origin, unreachable
@@ -192,6 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--branch", help="take runs on this branch (default: the repository's default branch)")
     p.add_argument("--allow-forks", action="store_true",
                    help="also take artifacts of runs on code from other repositories (forks' pull requests)")
+    p.add_argument("--release", nargs="?", const="", metavar="TAG",
+                   help=f"take a published release instead: TAG, or the newest {release.TAG_PREFIX}* one "
+                        "(no token needed for a public repository)")
     add_debug_flag(p)
     args = p.parse_args(argv)
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", args.repo):
@@ -199,22 +206,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.timeout > 0:
         raise UsageError(f"--timeout must be > 0, got {args.timeout}")
 
-    token = github.token(args.token)
+    if args.release is not None and (args.branch or args.allow_forks or args.name_prefix != DEFAULT_PREFIX):
+        raise UsageError("--branch, --allow-forks and --name-prefix choose artifacts; a release is chosen by its tag")
     api = github.api_root()
-    trust = repository_trust(api, args.repo, token, args.timeout, args.branch, args.allow_forks)
-    candidates = choose_artifact(list_artifacts(api, args.repo, token, args.timeout), args.name_prefix, trust)
-    art = first_successful(api, args.repo, token, args.timeout, candidates)
-    run = art.get("workflow_run") or {}
-    print(f"artifact: {art['name']} (created {art.get('created_at')}, run {run.get('id')} "
-          f"on {run.get('head_branch')} @ {str(run.get('head_sha'))[:7]})")
-    # The name comes from the server and becomes a path: keep it to one plain component.
-    name = art["name"] if re.fullmatch(r"[\w-][\w.-]*", art["name"]) else f"artifact-{art.get('id')}"
-    dest = args.dest or Path("artifacts", "downloaded", name)
-    _check_free(dest)  # before spending time on the download
-    with tempfile.TemporaryFile() as zip_file:
-        download(same_origin(art["archive_download_url"], api), token, zip_file, args.timeout, MAX_BYTES)
-        zip_file.seek(0)
-        checkpoints = extract_verified(zip_file, dest)
+    fetch = fetch_release if args.release is not None else fetch_artifact
+    checkpoints = fetch(api, args)
 
     for ckpt in checkpoints:
         meta = sidecar.read(ckpt) or {}
@@ -226,6 +222,38 @@ def main(argv: Sequence[str] | None = None) -> int:
             measured = evaluate_checkpoint(str(ckpt))["accuracy"]
             print(f"test accuracy (measured): {_percent(measured)} (sidecar: {_percent(meta.get('test_accuracy'))})")
     return 0
+
+
+def plain_name(name: str, fallback: str) -> str:
+    """`name`, which comes from the server and becomes a path, if it is one plain component."""
+    return name if re.fullmatch(r"[\w-][\w.-]*", name) else fallback
+
+
+def fetch_artifact(api: str, args) -> list[Path]:
+    token = github.token(args.token)
+    trust = repository_trust(api, args.repo, token, args.timeout, args.branch, args.allow_forks)
+    candidates = choose_artifact(list_artifacts(api, args.repo, token, args.timeout), args.name_prefix, trust)
+    art = first_successful(api, args.repo, token, args.timeout, candidates)
+    run = art.get("workflow_run") or {}
+    print(f"artifact: {art['name']} (created {art.get('created_at')}, run {run.get('id')} "
+          f"on {run.get('head_branch')} @ {str(run.get('head_sha'))[:7]})")
+    dest = args.dest or Path("artifacts", "downloaded", plain_name(art["name"], f"artifact-{art.get('id')}"))
+    _check_free(dest)  # before spending time on the download
+    with tempfile.TemporaryFile() as zip_file:
+        download(same_origin(art["archive_download_url"], api), token, zip_file, args.timeout, MAX_BYTES)
+        zip_file.seek(0)
+        return extract_verified(zip_file, dest)
+
+
+def fetch_release(api: str, args) -> list[Path]:
+    token = github.token(args.token, required=False)
+    limits = release.Limits(MAX_BYTES, args.timeout)
+    chosen = release.find_release(api, args.repo, args.release or None, token, limits)
+    tag = str(chosen.get("tag_name"))
+    print(f"release: {tag} (published {chosen.get('published_at')}, commit {str(chosen.get('target_commitish'))[:7]})")
+    dest = args.dest or Path("artifacts", "downloaded", plain_name(tag, f"release-{chosen.get('id')}"))
+    _check_free(dest)
+    return release.download_release(api, args.repo, chosen, dest, token, limits)
 
 
 def run() -> None:

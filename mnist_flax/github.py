@@ -94,13 +94,12 @@ def _http_error(e: urllib.error.HTTPError, what: str) -> GitHubError:
     return GitHubError(f"HTTP {e.code} {e.reason}{detail} while {what}")
 
 
-def open_api(url: str, token: str, what: str, timeout: float):
-    req = urllib.request.Request(url, headers={
-        "Accept": "application/vnd.github+json",
-        "X-GitHub-Api-Version": "2022-11-28",
-        "Authorization": f"Bearer {token}",
-        "User-Agent": "mnist-flax-artifact",
-    })
+def open_api(url: str, token: str | None, what: str, timeout: float, accept: str = "application/vnd.github+json"):
+    """Opens `url` of the API, with the token if there is one (public releases need none)."""
+    headers = {"Accept": accept, "X-GitHub-Api-Version": "2022-11-28", "User-Agent": "mnist-flax-artifact"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, headers=headers)
     try:
         return urllib.request.build_opener(_StripAuthOnHostChange).open(req, timeout=timeout)
     except urllib.error.HTTPError as e:
@@ -123,7 +122,7 @@ def same_origin(url: str, base: str) -> str:
     return url
 
 
-def get_json(api: str, path: str, token: str, what: str, timeout: float) -> dict:
+def get_json(api: str, path: str, token: str | None, what: str, timeout: float) -> dict:
     url = f"{api}{path}"
     with open_api(url, token, what, timeout) as resp:
         try:
@@ -137,9 +136,10 @@ def get_json(api: str, path: str, token: str, what: str, timeout: float) -> dict
     return value
 
 
-def download(url: str, token: str, into, timeout: float, max_bytes: int, what: str = "the artifact") -> None:
+def download(url: str, token: str | None, into, timeout: float, max_bytes: int, what: str = "the artifact",
+             accept: str = "application/vnd.github+json") -> None:
     """Streams `url` into the open file `into`, refusing more than `max_bytes`."""
-    with open_api(url, token, f"downloading {what}", timeout) as resp:
+    with open_api(url, token, f"downloading {what}", timeout, accept) as resp:
         total = 0
         try:
             while chunk := resp.read(1 << 20):
@@ -168,10 +168,11 @@ def gh_auth_token() -> str | None:
     return token if result.returncode == 0 and token else None
 
 
-def token(flag: str | None) -> str:
-    """--token, else $GITHUB_TOKEN, else $GH_TOKEN, else GitHub's CLI's."""
+def token(flag: str | None, required: bool = True) -> str | None:
+    """--token, else $GITHUB_TOKEN, else $GH_TOKEN, else GitHub's CLI's; None if there is none and
+    none is `required` (a public repository's releases)."""
     token = flag or os.environ.get("GITHUB_TOKEN") or os.environ.get("GH_TOKEN") or gh_auth_token()
-    if not token:
+    if not token and required:
         raise GitHubError(
             "no GitHub token: pass --token or set GITHUB_TOKEN / GH_TOKEN, or log in to GitHub's CLI with "
             "`gh auth login` (downloading artifacts needs a token even from public repositories)"

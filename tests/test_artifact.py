@@ -62,12 +62,30 @@ class FakeGitHub:
         self.storage = f"http://localhost:{port}"
         self.pages: list[list[dict]] = [[]]
         self.zips: dict[int, bytes] = {}
-        self.list_reply = None  # (status, headers, json body) replacing the listing
+        self.list_reply = None  # (status, JSON body, headers) replacing the listing
         self.download_reply = None  # same, replacing the 302
         self.delay = 0.0
         self.storage_hits: list[str] = []
         self.storage_auth: list[str] = []
         self.conclusions: dict[int, str] = {}  # run id -> conclusion; "success" when absent
+        self.releases: list[dict] = []  # newest first, as GitHub lists them
+        self.assets: dict[int, bytes] = {}
+        self.api_auth: list[str | None] = []  # the Authorization of every release request
+
+    def release(self, id, tag, published, files: dict[str, bytes], draft=False, prerelease=False,
+                digests=True) -> dict:
+        """A release in the documented schema, its assets served at 1000 * id + n."""
+        assets = []
+        for n, (name, data) in enumerate(files.items()):
+            self.assets[1000 * id + n] = data
+            assets.append({"id": 1000 * id + n, "name": name, "size": len(data), "state": "uploaded",
+                           "content_type": "application/octet-stream",
+                           "url": f"{self.base}/repos/{REPO}/releases/assets/{1000 * id + n}",
+                           "browser_download_url": f"https://github.com/{REPO}/releases/download/{tag}/{name}",
+                           **({"digest": "sha256:" + hashlib.sha256(data).hexdigest()} if digests else {})})
+        return {"id": id, "tag_name": tag, "name": tag, "draft": draft, "prerelease": prerelease,
+                "target_commitish": "abcdef0123456789", "created_at": published,
+                "published_at": None if draft else published, "assets": assets}
 
     def artifact(self, id, name, created, expired=False, zip_bytes=None, branch="main", head_repo=REPO_ID) -> dict:
         """An artifact in the documented listing schema; its run is 1000 + id."""
@@ -106,8 +124,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return self.reply(400, b"<Error>Authorization header not allowed with a SAS URL</Error>")
             if not self.headers.get("Host", "").startswith("localhost:"):
                 return self.reply(400, b"storage reached without a host change")
+            if url.path.startswith("/storage/assets/"):
+                return self.reply(200, gh.assets[int(url.path.split("/")[-1])],
+                                  {"Content-Type": "application/octet-stream"})
             return self.reply(200, gh.zips[int(url.path.split("/")[-1].removesuffix(".zip"))],
                               {"Content-Type": "application/zip"})
+        if url.path.startswith(f"/repos/{REPO}/releases"):  # public: a token is optional, but must be good
+            gh.api_auth.append(self.headers.get("Authorization"))
+            if self.headers.get("Authorization") not in (None, f"Bearer {TOKEN}"):
+                return self.reply(401, {"message": "Bad credentials"})
+            return self.release_route(gh, url)
         if self.headers.get("Authorization") != f"Bearer {TOKEN}":
             return self.reply(401, {"message": "Bad credentials"})
         if self.headers.get("Accept") != "application/vnd.github+json":
@@ -133,6 +159,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if gh.download_reply:
                 return self.reply(*gh.download_reply)
             return self.reply(302, headers={"Location": f"{gh.storage}/storage/{m.group(1)}.zip"})
+        return self.reply(404, {"message": "Not Found"})
+
+
+    def release_route(self, gh: FakeGitHub, url):
+        if gh.list_reply:
+            return self.reply(*gh.list_reply)
+        if url.path == f"/repos/{REPO}/releases":  # drafts are listed only to those who can push
+            return self.reply(200, gh.releases, {"Content-Type": "application/json"})
+        tag = url.path.removeprefix(f"/repos/{REPO}/releases/tags/")
+        found = [r for r in gh.releases if r["tag_name"] == urllib.parse.unquote(tag) and not r["draft"]]
+        if found:
+            return self.reply(200, found[0])
+        m = re.fullmatch(rf"/repos/{REPO}/releases/assets/(\d+)", url.path)
+        if m and self.headers.get("Accept") == "application/octet-stream":
+            return self.reply(302, headers={"Location": f"{gh.storage}/storage/assets/{m.group(1)}"})
         return self.reply(404, {"message": "Not Found"})
 
 
