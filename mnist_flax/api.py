@@ -15,11 +15,8 @@ multipart, and anything `predict.prepare` refuses (not an image, truncated, 0 pi
 many pixels, blank). Requests never name files: nothing a request holds reaches the file system.
 """
 import base64
-import hashlib
 import io
-import re
 import sys
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -32,7 +29,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from mnist_flax import model, predict, sidecar, step
+from mnist_flax import model, page, predict, sidecar, step
 from mnist_flax.config import NUM_CLASSES
 from mnist_flax.errors import ImageError
 
@@ -149,21 +146,6 @@ async def uploaded_file(request: Request, body: bytes) -> bytes:
     return await upload.read()
 
 
-def page_html() -> tuple[str, str]:
-    """The page, and a Content-Security-Policy that lets it run its own inline code and load nothing else."""
-    html = resources.files("mnist_flax").joinpath("page.html").read_text(encoding="utf-8")
-
-    def hashes(tag: str) -> str:
-        bodies = re.findall(rf"<{tag}>(.*?)</{tag}>", html, re.S)
-        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'"
-                        for b in bodies)
-
-    policy = (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; "
-              "img-src 'self' data: blob:; connect-src 'self'; form-action 'none'; base-uri 'none'; "
-              "frame-ancestors 'none'")
-    return html, policy
-
-
 def describe(path: Path, record: dict | None, variables: dict) -> ModelInfo:
     """What /api/model says of the checkpoint at `path` (its sidecar is `record`)."""
     record = record or {}
@@ -175,7 +157,7 @@ def describe(path: Path, record: dict | None, variables: dict) -> ModelInfo:
 def create_app(variables: dict, info: ModelInfo, network: model.CNN) -> FastAPI:
     """The app for one checkpoint, applied as `network`; its eval function is compiled here, before it serves."""
     classifier = Classifier(variables, network)
-    html, policy = page_html()
+    html, policy = page.page_html(page.SERVER)
     app = FastAPI(title="mnist-flax", version=info.sha256[:12],
                   description="Classify a handwritten digit with the checkpoint " + info.checkpoint)
 
@@ -202,7 +184,7 @@ def create_app(variables: dict, info: ModelInfo, network: model.CNN) -> FastAPI:
         return error(500, "internal error in mnist_flax.serve; the server log has the details")
 
     @app.get("/", response_class=HTMLResponse, summary="The drawing page")
-    def page():
+    def drawing_page():
         return HTMLResponse(html, headers={"Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff"})
 
     @app.post("/api/predict", response_model=Prediction, summary="Classify one digit image",

@@ -42,6 +42,7 @@ FIT = 20  # ... and the box MNIST fits each digit into
 INVERT_ABOVE = 127  # mean border brightness that means "dark ink on a light background"
 INK_FRACTION = 0.25  # of the stretched range: what counts as ink for the bounding box
 MIN_CONTRAST = 24  # grey levels between background and the brightest ink; less is a blank image
+CENTRE_DECIMALS = 6  # of a pixel: a centre of mass this close to half-way is taken to be there
 
 
 class Prepared(NamedTuple):
@@ -112,14 +113,18 @@ def to_mnist(gray: np.ndarray, source: str = "image") -> Prepared:
 def center_by_mass(patch: np.ndarray) -> np.ndarray:
     """Pads a (h, w) patch (h, w <= 20) into 28x28 with its centre of mass at pixel (14, 14).
 
-    (14, 14) is where the MNIST test digits' centre of mass lies on average.
+    (14, 14) is where the MNIST test digits' centre of mass lies on average. The offsets are
+    rounded to CENTRE_DECIMALS first, so that a symmetric digit, whose centre lies exactly
+    half-way, goes to the even offset (as round does) wherever the sums' last bits fall:
+    prepare.js then places it where this does.
     """
     h, w = patch.shape
-    total = max(float(patch.sum()), 1e-6)
-    cy = float((patch.sum(1) * np.arange(h)).sum()) / total
-    cx = float((patch.sum(0) * np.arange(w)).sum()) / total
-    top = int(np.clip(round(SIDE / 2 - cy), 0, SIDE - h))
-    left = int(np.clip(round(SIDE / 2 - cx), 0, SIDE - w))
+    mass = patch.astype(np.float64)
+    total = max(float(mass.sum()), 1e-6)
+    cy = float(mass.sum(1) @ np.arange(h)) / total
+    cx = float(mass.sum(0) @ np.arange(w)) / total
+    top = int(np.clip(round(round(SIDE / 2 - cy, CENTRE_DECIMALS)), 0, SIDE - h))
+    left = int(np.clip(round(round(SIDE / 2 - cx, CENTRE_DECIMALS)), 0, SIDE - w))
     canvas = np.zeros((SIDE, SIDE), np.float32)
     canvas[top:top + h, left:left + w] = patch
     return np.round(canvas).astype(np.uint8)

@@ -52,7 +52,7 @@ class Scene:
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    command: str  # train, evaluate, export, predict, serve, artifact
+    command: str  # the module: train, evaluate, export, predict, serve, artifact, model_card, site, publish
     what: str  # the bad input, in words
     argv: Callable[[Scene], list[str]]
     code: int  # the exit code it must give
@@ -165,6 +165,25 @@ CASES = [
          lambda s: {"PATH": str(s.root / "no-gh")}),  # nor GitHub's CLI, whose token it would ask for
     Case("artifact", "not OWNER/REPO", lambda s: ["not-a-repo"], 2, "OWNER/REPO"),
     Case("artifact", "--timeout 0", lambda s: ["owner/repo", "--timeout", "0"], 2, "--timeout must be > 0"),
+    Case("artifact", "--release with --branch", lambda s: ["owner/repo", "--release", "--branch", "dev"], 2,
+         "a release is chosen by its tag"),
+    Case("artifact", "--release, offline", lambda s: ["owner/repo", "--release"], 1, "could not reach api.github.com",
+         lambda s: {**NO_NETWORK, "PATH": str(s.root / "no-gh")}),
+    Case("model_card", "missing checkpoint", lambda s: [str(s.root / "nope.msgpack")], 1, "no such checkpoint"),
+    Case("model_card", "a text file as checkpoint", lambda s: [str(s.text)], 1, "wrong file type"),
+    Case("site", "missing checkpoint", lambda s: [str(s.root / "nope.msgpack")], 1, "no such checkpoint"),
+    Case("site", "--onnxruntime-web a missing file",
+         lambda s: [str(s.checkpoint), "--onnxruntime-web", str(s.root / "nope.tgz"), "-o", str(s.root / "site")], 2,
+         "no such file"),
+    Case("site", "--onnxruntime-web a PNG",
+         lambda s: [str(s.checkpoint), "--onnxruntime-web", str(s.png), "-o", str(s.root / "site")], 1,
+         "its sha512 differs"),
+    Case("site", "offline, no onnxruntime-web package", lambda s: [str(s.checkpoint), "-o", str(s.root / "site")],
+         1, "give it with --onnxruntime-web",
+         lambda s: {**NO_NETWORK, "XDG_CACHE_HOME": str(s.root / "empty-cache")}),
+    Case("publish", "--commit that is no sha", lambda s: [str(s.root), "--commit", "main"], 2, "--commit must be"),
+    Case("publish", "a directory without checkpoints", lambda s: [str(s.root / "mnist-missing"), "--commit", "4c70d2d"],
+         1, "no mnist_flax_*.msgpack"),
 ]
 
 

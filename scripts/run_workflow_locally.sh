@@ -12,8 +12,8 @@
 # What differs from GitHub is passed as repository variables, which the workflow reads:
 # MNIST_FLAX_MANUAL_DIR (MNIST's folder), TORCH_INDEX_URL=none (PyTorch's CPU build comes from
 # this machine's package index), PIP_RETRIES=0 (an unreachable index fails at once instead of
-# retrying for minutes), BASELINE=none (no GitHub API to download the default branch's model) and
-# MNIST_FLAX_CHROMIUM (this machine's Chromium for the page test; Playwright cannot download one).
+# retrying for minutes), BASELINE=none (no GitHub API to download the default branch's model),
+# PUBLISH=false (no GitHub to publish a release or Pages to) and MNIST_FLAX_CHROMIUM (this machine's Chromium for the page test; Playwright cannot download one).
 #
 # act's artifact server speaks the protocol of upload-artifact v4, not v7's, so the workflow's
 # actions/upload-artifact@v7 is mapped onto the v4 folder here; GitHub runs v7 itself. Its
@@ -73,6 +73,7 @@ HOME=$home "$state/act-venv/bin/act" push \
   --var TORCH_INDEX_URL=none \
   --var PIP_RETRIES=0 \
   --var BASELINE=none \
+  --var PUBLISH=false \
   --var MNIST_FLAX_CHROMIUM="$(command -v chromium || true)" \
   2>&1 | tee "$artifact_dir/act.log" || status=$?
 echo "run_workflow_locally: act finished in $(( $(date +%s) - start )) s with status $status"
@@ -111,6 +112,9 @@ logits = onnxruntime.InferenceSession(str(onnx_path)).run(None, {"images": test.
 onnx_accuracy = float((logits.argmax(1) == test.test_labels).mean())
 print(f"run_workflow_locally: {onnx_path.name} in onnxruntime gives {onnx_accuracy:.2%}")
 assert onnx_accuracy == measured, "the ONNX model disagrees with the checkpoint"
+from mnist_flax import publish
+released = publish.release_files(unpacked)  # what a release of this artifact publishes, each file checked
+print(f"run_workflow_locally: a release would publish {len(released)} files:", " ".join(p.name for p in released))
 summary = (unpacked / "summary.md").read_text()
 assert summary.startswith("## MNIST Flax:") and "Against the default branch's model" in summary, summary[:300]
 print("run_workflow_locally: the job summary was written:", summary.splitlines()[0])

@@ -29,6 +29,10 @@ SUBPROCESS = {
     "predict: a text file as the image",
     "serve: a text file as checkpoint",
     "artifact: no GitHub token",
+    "artifact: --release, offline",
+    "model_card: a text file as checkpoint",
+    "site: offline, no onnxruntime-web package",
+    "publish: --commit that is no sha",
 }
 NO_NETWORK_S = 30  # the offline failure must come within seconds, not after TFDS' minutes of retries
 

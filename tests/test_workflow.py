@@ -7,6 +7,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
+
+from conftest import REPO
 
 WORKFLOWS = sorted((Path(__file__).parent.parent / ".github" / "workflows").glob("*.yml"))
 
@@ -51,7 +54,28 @@ def test_model_artifact_is_uploaded_for_90_days():
 def test_actions_are_on_their_node_24_majors():
     used = set(re.findall(r"uses: (actions/[\w-]+)@(\S+)", "\n".join(p.read_text() for p in WORKFLOWS)))
     assert used == {("actions/checkout", "v7"), ("actions/setup-python", "v7"), ("actions/cache", "v5"),
-                    ("actions/upload-artifact", "v7")}
+                    ("actions/upload-artifact", "v7"), ("actions/download-artifact", "v8"),
+                    ("actions/upload-pages-artifact", "v5"), ("actions/deploy-pages", "v5"),
+                    ("actions/attest-build-provenance", "v4")}
+
+
+def test_only_a_push_to_the_default_branch_publishes_and_never_the_local_run():
+    workflow = yaml.safe_load(WORKFLOWS[0].read_text())
+    jobs = workflow["jobs"]
+    condition = jobs["train-and-test"]["env"]["PUBLISH"]
+    for part in ("github.event_name == 'push'", "github.ref_name == github.event.repository.default_branch",
+                 "vars.PUBLISH != 'false'"):
+        assert part in condition
+    assert jobs["train-and-test"]["outputs"]["publish"] == "${{ env.PUBLISH }}"
+    for name in ("release", "pages"):
+        assert jobs[name]["needs"] == "train-and-test"
+        assert jobs[name]["if"] == "needs.train-and-test.outputs.publish == 'true'"
+    pages_upload = [s for s in jobs["train-and-test"]["steps"] if "upload-pages-artifact" in s.get("uses", "")]
+    assert [s["if"] for s in pages_upload] == ["env.PUBLISH == 'true'"]
+    assert {k for k, v in workflow["permissions"].items() if v == "write"} == set()  # only the publishing jobs write
+    assert "--var PUBLISH=false" in (REPO / "scripts" / "run_workflow_locally.sh").read_text()
+    for doc in ("README.md", "docs/ci.md"):
+        assert "`PUBLISH`" in (REPO / doc).read_text(), doc
 
 
 def test_every_tool_the_workflow_installs_is_pinned():
