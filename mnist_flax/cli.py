@@ -56,4 +56,4 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
 
 def run(main: Callable[[Sequence[str] | None], int]) -> NoReturn:
     """A command's entry point: `main` on the process's arguments, then its exit status."""
-    sys.exit(run_main(main))
+    runtime.exit_process(run_main(main))

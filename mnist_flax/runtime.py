@@ -1,13 +1,17 @@
-"""The process, set up before JAX computes: XLA's flags and compiler options, the allocator and the
-compilation cache.
+"""The process, set up before JAX computes: XLA's flags and compiler options, the allocator, the
+compilation cache, and the exit that skips the interpreter's teardown.
 
 Every command runs `set_up_process` first (cli.run_main), and so do the scripts and tests that
 compute in-process as the commands do. Nothing here imports JAX at module level: a command's
 `--help` and its bad flags answer without it.
 """
 
+import atexit
 import ctypes
 import os
+import sys
+import threading
+from typing import NoReturn
 
 # XLA:CPU runs small convolutions' weight gradients (a 24x24-window convolution for conv2)
 # faster through Eigen than through YNNPACK, its default. LLVM's -O2 instead of -O3 compiles the
@@ -102,3 +106,27 @@ def enable_compilation_cache() -> str | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+def exit_process(code: int) -> NoReturn:
+    """Ends a command that has finished its work: sys.exit(code) without the interpreter's teardown.
+
+    Tearing down frees every module and each of jaxlib's compiled programs one by one (its cost
+    after a training run is in docs/performance.md), for memory the OS takes back at once.
+    What an exit must do still happens: the atexit handlers run and both standard streams are
+    flushed. While another non-daemon thread runs, it exits the ordinary way, which waits for it.
+    """
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    flush_standard_streams()
+    os._exit(code)
+
+
+def flush_standard_streams() -> None:
+    """Flushes stdout and stderr before an `os._exit`, which would drop what they buffer."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away, or a closed stream: nothing to save
+            pass
