@@ -19,7 +19,6 @@ import dataclasses
 import datetime as dt
 import http.client
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from mnist_flax import cli, github, release, sidecar
 from mnist_flax.cli import ArgumentParser, add_debug_flag
+from mnist_flax.atomic import staged_directory
 from mnist_flax.errors import UsageError
 from mnist_flax.github import GitHubError, download, get_json, next_link, open_api, same_origin, unreachable
 
@@ -138,37 +138,36 @@ def extract_verified(zip_file, dest: Path) -> list[Path]:
     """Unpacks into `dest` (which must not exist) only if every checksum holds."""
     _check_free(dest)
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
-    except OSError as e:
-        raise ArtifactError(f"could not create a directory beside {dest}: {e}") from e
-    try:
-        try:
-            with zipfile.ZipFile(zip_file) as zf:
-                members = [m for m in zf.infolist() if not m.is_dir()]
-                bad = [m.filename for m in members if unsafe_member(m.filename)]
-                if bad:
-                    raise ArtifactError(f"artifact zip has an unsafe path {bad[0]!r}; refusing to unpack it")
-                if sum(m.file_size for m in members) > MAX_BYTES:
-                    raise ArtifactError(f"artifact unpacks to more than {MAX_BYTES / 2**20:g} MiB; refusing it")
-                for m in members:
-                    target = tmp / m.filename
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with zf.open(m) as src, open(target, "wb") as out:
-                        shutil.copyfileobj(src, out)
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:
-            raise ArtifactError(f"the downloaded artifact is not a valid zip: {e}") from e
-        checkpoints = sorted(tmp.rglob("*.msgpack"))
-        if not checkpoints:
-            raise ArtifactError("the artifact holds no .msgpack checkpoint")
-        for ckpt in checkpoints:
-            verify_checksum(ckpt)
-        os.rename(tmp, dest)
-        return [dest / c.relative_to(tmp) for c in checkpoints]
+        with staged_directory(dest) as tmp:
+            extract_checked(zip_file, tmp)
+            checkpoints = sorted(tmp.rglob("*.msgpack"))
+            if not checkpoints:
+                raise ArtifactError("the artifact holds no .msgpack checkpoint")
+            for ckpt in checkpoints:
+                verify_checksum(ckpt)
+            found = [c.relative_to(tmp) for c in checkpoints]
     except OSError as e:
         raise ArtifactError(f"could not unpack into {dest}: {e}") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return [dest / c for c in found]
+
+
+def extract_checked(zip_file, into: Path) -> None:
+    """The zip's files into `into`, refused whole if a name could land outside or it unpacks too large."""
+    try:
+        with zipfile.ZipFile(zip_file) as zf:
+            members = [m for m in zf.infolist() if not m.is_dir()]
+            bad = [m.filename for m in members if unsafe_member(m.filename)]
+            if bad:
+                raise ArtifactError(f"artifact zip has an unsafe path {bad[0]!r}; refusing to unpack it")
+            if sum(m.file_size for m in members) > MAX_BYTES:
+                raise ArtifactError(f"artifact unpacks to more than {MAX_BYTES / 2**20:g} MiB; refusing it")
+            for m in members:
+                target = into / m.filename
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(m) as src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:
+        raise ArtifactError(f"the downloaded artifact is not a valid zip: {e}") from e
 
 
 def _check_free(dest: Path) -> None:

@@ -3,11 +3,15 @@
 Write to a temporary file in the same directory, flush and fsync it, rename it
 over the final name (atomic on POSIX), then fsync the directory so the rename
 itself survives a crash. A crash at any moment leaves the old file or the new
-one, never a torn one; a stray temporary is named `.<name>.<random>.tmp`.
+one, never a torn one; a stray temporary is named `.<name>.<random>.tmp`. A directory is
+filled under `.<name>.partial-<random>` and renamed into place the same way (staged_directory).
 """
 
+import contextlib
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 TMP_SUFFIX = ".tmp"
@@ -55,3 +59,17 @@ def remove_stale_temporaries(directory: str | os.PathLike, stem: str = "") -> li
         tmp.unlink(missing_ok=True)
         removed.append(tmp)
     return removed
+
+
+@contextlib.contextmanager
+def staged_directory(dest: Path) -> Iterator[Path]:
+    """A new directory beside `dest` to fill; it becomes `dest` (which must not exist) only when
+    the block ends without an error, and is removed whatever happens. OSError if it cannot be made."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    try:
+        yield staging
+        os.rename(staging, dest)
+        fsync_directory(dest.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

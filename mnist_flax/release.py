@@ -15,14 +15,12 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
-import os
 import re
-import shutil
-import tempfile
 import urllib.parse
 from pathlib import Path
 
 from mnist_flax import sidecar
+from mnist_flax.atomic import staged_directory
 from mnist_flax.checkpoint import SUFFIX as CHECKPOINT_SUFFIX
 from mnist_flax.github import GitHubError, download, get_json, next_link, open_api, same_origin
 
@@ -127,23 +125,16 @@ def download_release(api: str, repo: str, release: dict, dest: Path, token: str 
     if dest.exists():
         raise ReleaseError(f"{dest} already exists; remove it or choose another --dest")
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
-    except OSError as e:
-        raise ReleaseError(f"could not create a directory beside {dest}: {e}") from e
-    try:
-        for asset in assets:
-            target = tmp / asset["name"]
-            with open(target, "wb") as out:  # the API's asset URL; it redirects to storage, without the token
-                download(same_origin(str(asset.get("url")), api), token, out, limits.timeout, limits.max_bytes,
-                         f"release asset {asset['name']}", accept="application/octet-stream")
-            check_digest(target, asset)
-        checkpoints = sorted(tmp.glob(f"*{CHECKPOINT_SUFFIX}"))
-        for ckpt in checkpoints:
-            sidecar.verify(ckpt, ckpt.read_bytes(), sidecar.read(ckpt), required=True)
-        os.rename(tmp, dest)
-        return [dest / c.name for c in checkpoints]
+        with staged_directory(dest) as tmp:
+            for asset in assets:
+                target = tmp / asset["name"]
+                with open(target, "wb") as out:  # the API's asset URL; it redirects to storage, without the token
+                    download(same_origin(str(asset.get("url")), api), token, out, limits.timeout, limits.max_bytes,
+                             f"release asset {asset['name']}", accept="application/octet-stream")
+                check_digest(target, asset)
+            checkpoints = sorted(tmp.glob(f"*{CHECKPOINT_SUFFIX}"))
+            for ckpt in checkpoints:
+                sidecar.verify(ckpt, ckpt.read_bytes(), sidecar.read(ckpt), required=True)
     except OSError as e:
         raise ReleaseError(f"could not write the release into {dest}: {e}") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return [dest / c.name for c in checkpoints]

@@ -24,14 +24,13 @@ import os
 import shutil
 import sys
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
 from mnist_flax import checkpoint, cli, page, predict, runtime
-from mnist_flax.atomic import atomic_write_bytes
+from mnist_flax.atomic import atomic_write_bytes, staged_directory
 from mnist_flax.errors import MnistFlaxError, UsageError, missing_path
 
 ONNXRUNTIME_WEB = {
@@ -141,19 +140,20 @@ def site_files(path: Path, tgz: bytes) -> dict[str, bytes]:
 
 
 def write_site(files: dict[str, bytes], out: Path) -> None:
-    """Writes `files` into a new folder beside `out`, then puts it in `out`'s place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    """Writes `files` into a new folder beside `out`, then puts it in `out`'s place (an earlier
+    site there is replaced; any other folder is refused)."""
+    if out.exists() and not (out / SITE_FILE).is_file():
+        raise UsageError(f"{out} exists and is not a site this command built; choose another -o")
+    built, previous = (out.with_name(f".{out.name}.{part}") for part in ("built", "previous"))
+    for leftover in (built, previous):  # of a run that was killed
+        shutil.rmtree(leftover, ignore_errors=True)
+    with staged_directory(built) as staging:
         for name, data in files.items():
-            (tmp / name).write_bytes(data)
-        if out.exists():
-            if not (out / SITE_FILE).is_file():
-                raise UsageError(f"{out} exists and is not a site this command built; choose another -o")
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            (staging / name).write_bytes(data)
+    if out.exists():
+        os.rename(out, previous)
+    os.rename(built, out)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -82,18 +82,24 @@ echo "run_workflow_locally: act finished in $(( $(date +%s) - start )) s with st
 # What a user downloads: the zip, checked with the project's own verification.
 zip=$(find "$artifact_dir" -name 'mnist-flax-model-acc*.zip' -newer "$home" | head -1)
 [ -n "$zip" ] || { echo "run_workflow_locally: no mnist-flax-model-acc*.zip under $artifact_dir" >&2; exit 1; }
+site_zip=$(find "$artifact_dir" -name 'mnist-flax-site.zip' -newer "$home" | head -1)
+[ -n "$site_zip" ] || { echo "run_workflow_locally: no mnist-flax-site.zip under $artifact_dir" >&2; exit 1; }
 unpacked=$(mktemp -d)
-trap 'rm -rf "$home" "$unpacked"' EXIT
+site=$(mktemp -d)
+trap 'rm -rf "$home" "$unpacked" "$site"' EXIT
 python3 -m zipfile -e "$zip" "$unpacked"
+python3 -m zipfile -e "$site_zip" "$site"
 echo "run_workflow_locally: artifact $zip holds:"
 (cd "$unpacked" && ls -l)
-python - "$unpacked" "$mnist" <<'PY'
+echo "run_workflow_locally: the demo site $site_zip holds:"
+(cd "$site" && ls -la)
+python - "$unpacked" "$mnist" "$site" <<'PY'
 import sys
 from pathlib import Path
 from mnist_flax import checkpoint, sidecar
 from mnist_flax.evaluate import evaluate_checkpoint
 
-unpacked, mnist = Path(sys.argv[1]), sys.argv[2]
+unpacked, mnist, site = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 path = checkpoint.find(unpacked)
 record = sidecar.read(path)
 sidecar.verify(path, path.read_bytes(), record, required=True)
@@ -115,6 +121,13 @@ assert onnx_accuracy == measured, "the ONNX model disagrees with the checkpoint"
 from mnist_flax import publish
 released = publish.release_files(unpacked)  # what a release of this artifact publishes, each file checked
 print(f"run_workflow_locally: a release would publish {len(released)} files:", " ".join(p.name for p in released))
+import json
+from mnist_flax import site as site_lib
+described = json.loads((site / site_lib.SITE_FILE).read_text())
+assert described["info"]["sha256"] == record["sha256"], "the site runs another model"
+assert {site_lib.INDEX_FILE, site_lib.MODEL_FILE, site_lib.PREPARE_FILE, ".nojekyll", *site_lib.ONNXRUNTIME_WEB["files"]} <= {
+    p.name for p in site.iterdir()}, sorted(p.name for p in site.iterdir())
+print(f"run_workflow_locally: the site runs {described['info']['checkpoint']} in {described['onnxruntime']['package']}")
 summary = (unpacked / "summary.md").read_text()
 assert summary.startswith("## MNIST Flax:") and "Against the default branch's model" in summary, summary[:300]
 print("run_workflow_locally: the job summary was written:", summary.splitlines()[0])

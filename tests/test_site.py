@@ -261,3 +261,11 @@ def test_a_missing_or_corrupt_model_file_says_so_on_the_page(browser_page, built
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_a_new_build_replaces_the_site_before_it_whole(tmp_path):
+    out = tmp_path / "site"
+    site.write_site({site.SITE_FILE: b"{}", "old.txt": b"old"}, out)
+    site.write_site({site.SITE_FILE: b"{}", "new.txt": b"new"}, out)
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt", site.SITE_FILE]
+    assert [p.name for p in tmp_path.iterdir()] == ["site"]  # no staging folder is left beside it

@@ -70,8 +70,9 @@ def test_only_a_push_to_the_default_branch_publishes_and_never_the_local_run():
     for name in ("release", "pages"):
         assert jobs[name]["needs"] == "train-and-test"
         assert jobs[name]["if"] == "needs.train-and-test.outputs.publish == 'true'"
-    pages_upload = [s for s in jobs["train-and-test"]["steps"] if "upload-pages-artifact" in s.get("uses", "")]
-    assert [s["if"] for s in pages_upload] == ["env.PUBLISH == 'true'"]
+    # A runner fetches every action of a job it starts: those that need GitHub stay out of the first job.
+    first = {s.get("uses", "").split("@")[0] for s in jobs["train-and-test"]["steps"]}
+    assert first - {""} == {"actions/checkout", "actions/setup-python", "actions/cache", "actions/upload-artifact"}
     assert {k for k, v in workflow["permissions"].items() if v == "write"} == set()  # only the publishing jobs write
     assert "--var PUBLISH=false" in (REPO / "scripts" / "run_workflow_locally.sh").read_text()
     for doc in ("README.md", "docs/ci.md"):
