@@ -17,7 +17,8 @@ MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
 NUM_CLASSES = 10
 IMAGE_SHAPE = (28, 28, 1)  # NHWC, one channel
-NUM_TRAIN_EXAMPLES = 60_000
+MNIST_NUM_EXAMPLES = {"train": 60_000, "test": 10_000}
+NUM_TRAIN_EXAMPLES = MNIST_NUM_EXAMPLES["train"]
 
 OPTIMIZERS = ("adam", "nadam")
 MAX_STEPS_PER_CALL = 64  # a call's batches are gathered at once, and Ctrl-C waits for the call to end

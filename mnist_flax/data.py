@@ -21,9 +21,10 @@ except ImportError:  # Windows: no advisory locks; concurrent first prepares are
     fcntl = None
 
 from mnist_flax import decoded
+from mnist_flax.config import MNIST_NUM_EXAMPLES
 from mnist_flax.errors import DataError
-from mnist_flax.idx_files import (MANUAL_DIR_ENV, MIRRORS_ENV, MNIST_MIRRORS, MNIST_NUM_EXAMPLES, MNIST_SHA256,
-                                  SPLIT_FILES, check_sha256, download, find_manual_file, parse_idx, read_source)
+from mnist_flax.idx_files import (MANUAL_DIR_ENV, MIRRORS_ENV, MNIST_MIRRORS, MNIST_SHA256, SPLIT_FILES, check_sha256,
+                                  download, find_manual_file, parse_idx, read_source)
 
 class MnistArrays(NamedTuple):
     train_images: np.ndarray  # uint8 (60000, 28, 28, 1)
