@@ -17,8 +17,6 @@ checks every checkpoint against the sha256 in its sidecar JSON.
 
 import dataclasses
 import datetime as dt
-import http.client
-import json
 import re
 import shutil
 import tempfile
@@ -30,7 +28,7 @@ from mnist_flax import cli, github, release, sidecar
 from mnist_flax.cli import ArgumentParser, add_debug_flag
 from mnist_flax.atomic import staged_directory
 from mnist_flax.errors import UsageError
-from mnist_flax.github import GitHubError, download, get_json, next_link, open_api, same_origin, unreachable
+from mnist_flax.github import GitHubError, download, get_json, same_origin
 
 DEFAULT_PREFIX = "mnist-flax-model"
 TIMEOUT_S = 30.0
@@ -97,19 +95,11 @@ def unsafe_member(name: str) -> bool:
 def list_artifacts(api: str, repo: str, token: str, timeout: float) -> list[dict]:
     # No `name=` filter: GitHub matches it exactly, and our names end in the accuracy.
     url, found = f"{api}/repos/{repo}/actions/artifacts?per_page=100", []
-    for _ in range(MAX_PAGES):
-        with open_api(url, token, f"listing artifacts of {repo}", timeout) as resp:
-            try:
-                page = json.loads(resp.read())
-                found.extend(page["artifacts"])
-            except (ValueError, KeyError, TypeError, RecursionError) as e:
-                raise ArtifactError(f"unexpected answer from {api} while listing artifacts: {e}"[:300]) from None
-            except (OSError, http.client.HTTPException) as e:
-                raise unreachable(url, e) from e
-            url = next_link(resp.headers.get("Link"))
-        if not url:
-            break
-        same_origin(url, api)
+    for page in github.pages(api, url, token, f"listing artifacts of {repo}", timeout, MAX_PAGES):
+        try:
+            found.extend(page["artifacts"])
+        except (KeyError, TypeError) as e:
+            raise ArtifactError(f"unexpected answer from {api} while listing artifacts: {e}"[:300]) from None
     return found
 
 

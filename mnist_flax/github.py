@@ -15,6 +15,7 @@ import subprocess
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 
 from mnist_flax.errors import MnistFlaxError
 
@@ -134,6 +135,24 @@ def get_json(api: str, path: str, token: str | None, what: str, timeout: float) 
     if not isinstance(value, dict):
         raise GitHubError(f"unexpected answer from {api} while {what}: not a JSON object")
     return value
+
+
+def pages(api: str, url: str, token: str | None, what: str, timeout: float, max_pages: int) -> Iterator:
+    """Each page of a paginated listing from `url` on, as parsed JSON, following rel="next" links
+    (only within the API's origin) for at most `max_pages` pages."""
+    for _ in range(max_pages):
+        with open_api(url, token, what, timeout) as resp:
+            try:
+                page = json.loads(resp.read())
+            except (ValueError, RecursionError) as e:
+                raise GitHubError(f"unexpected answer from {api} while {what}: {e}"[:300]) from None
+            except (OSError, http.client.HTTPException) as e:
+                raise unreachable(url, e) from e
+            url = next_link(resp.headers.get("Link"))
+        yield page
+        if not url:
+            return
+        same_origin(url, api)
 
 
 def download(url: str, token: str | None, into, timeout: float, max_bytes: int, what: str = "the artifact",

@@ -14,7 +14,6 @@ must match the sha256 in its sidecar. Only then is the folder moved into place, 
 import dataclasses
 import datetime as dt
 import hashlib
-import json
 import re
 import urllib.parse
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 from mnist_flax import sidecar
 from mnist_flax.atomic import staged_directory
 from mnist_flax.checkpoint import SUFFIX as CHECKPOINT_SUFFIX
-from mnist_flax.github import GitHubError, download, get_json, next_link, open_api, same_origin
+from mnist_flax.github import GitHubError, download, get_json, pages, same_origin
 
 TAG_PREFIX = "model-"
 MAX_PAGES = 10
@@ -61,19 +60,10 @@ def choose_release(releases: list[dict]) -> dict:
 
 def list_releases(api: str, repo: str, token: str | None, limits: Limits) -> list[dict]:
     url, found = f"{api}/repos/{repo}/releases?per_page=100", []
-    for _ in range(MAX_PAGES):
-        with open_api(url, token, f"listing the releases of {repo}", limits.timeout) as resp:
-            try:
-                page = json.loads(resp.read())
-            except ValueError as e:
-                raise ReleaseError(f"unexpected answer from {api} while listing releases: {e}"[:300]) from None
-            url = next_link(resp.headers.get("Link"))
+    for page in pages(api, url, token, f"listing the releases of {repo}", limits.timeout, MAX_PAGES):
         if not isinstance(page, list):
             raise ReleaseError(f"unexpected answer from {api} while listing releases: not a JSON list")
         found += [r for r in page if isinstance(r, dict)]
-        if not url:
-            break
-        same_origin(url, api)
     return found
 
 
