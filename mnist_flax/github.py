@@ -123,15 +123,20 @@ def same_origin(url: str, base: str) -> str:
     return url
 
 
+def read_json(resp, url: str, api: str, what: str):
+    """The parsed JSON body of an open API response; one GitHubError if it is none or breaks off."""
+    try:
+        return json.loads(resp.read())
+    except (ValueError, RecursionError) as e:
+        raise GitHubError(f"unexpected answer from {api} while {what}: {e}"[:300]) from None
+    except (OSError, http.client.HTTPException) as e:
+        raise unreachable(url, e) from e
+
+
 def get_json(api: str, path: str, token: str | None, what: str, timeout: float) -> dict:
     url = f"{api}{path}"
     with open_api(url, token, what, timeout) as resp:
-        try:
-            value = json.loads(resp.read())
-        except (ValueError, RecursionError) as e:
-            raise GitHubError(f"unexpected answer from {api} while {what}: {e}"[:300]) from None
-        except (OSError, http.client.HTTPException) as e:
-            raise unreachable(url, e) from e
+        value = read_json(resp, url, api, what)
     if not isinstance(value, dict):
         raise GitHubError(f"unexpected answer from {api} while {what}: not a JSON object")
     return value
@@ -142,12 +147,7 @@ def pages(api: str, url: str, token: str | None, what: str, timeout: float, max_
     (only within the API's origin) for at most `max_pages` pages."""
     for _ in range(max_pages):
         with open_api(url, token, what, timeout) as resp:
-            try:
-                page = json.loads(resp.read())
-            except (ValueError, RecursionError) as e:
-                raise GitHubError(f"unexpected answer from {api} while {what}: {e}"[:300]) from None
-            except (OSError, http.client.HTTPException) as e:
-                raise unreachable(url, e) from e
+            page = read_json(resp, url, api, what)
             url = next_link(resp.headers.get("Link"))
         yield page
         if not url:
